@@ -1,0 +1,167 @@
+"""The ``netplug`` command.
+
+Every subcommand reports user errors as one line on stderr with exit status 1, never a
+traceback. Subcommand modules are imported only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from .errors import NetplugError
+
+APPLY_OPS = ("start", "started", "reconnect")
+CLEANUP_OPS = ("stopped", "release")
+IGNORED_OPS = ("prepare", "migrate", "restore")
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise NetplugError(f"{what} {path}: cannot read: {e.strerror}") from None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .model import parse_domain, parse_network
+    from .plan import bridge_intents, plan_cleanup, plan_ports, Plan
+    from .policy import Config, load_config
+
+    op = args.op
+    if op not in APPLY_OPS + CLEANUP_OPS + IGNORED_OPS:
+        raise NetplugError(f"unknown --op {op!r}; use one of "
+                           f"{', '.join(APPLY_OPS + CLEANUP_OPS + IGNORED_OPS)}")
+    domain = parse_domain(_read_file(args.domain_xml, "domain XML"))
+    networks = {}
+    for path in args.network_xml:
+        net = parse_network(_read_file(path, "network XML"))
+        networks[net.name] = net
+    # Without --config nothing host-specific leaks into the plan: the default config file is
+    # read only when named, so the same inputs always give the same plan.
+    config = load_config(args.config) if args.config else Config()
+    intents = bridge_intents(domain, networks, config)
+    if op in APPLY_OPS:
+        plan = plan_ports(intents, None)
+    elif op in CLEANUP_OPS:
+        records = {it.tap: {"domain": it.domain, "interface": it.ctx.interface, "mac": it.mac,
+                            "bridge": it.bridge, "network": it.network, "flags": True,
+                            "fdb": [[it.mac, None]]}
+                   for it in intents if it.managed}
+        plan = plan_cleanup(records, None)
+        plan = Plan(plan.ops, plan.notes, tuple(intents))
+    else:
+        plan = Plan(intents=tuple(intents))
+    doc = {"domain": domain.name, "op": op, **plan.to_json()}
+    json.dump(doc, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_install_hooks(args: argparse.Namespace) -> int:
+    from .install import install
+
+    for path in install(args.hooks_dir, args.python, args.config, args.state_dir):
+        print(f"installed {path}")
+    print("libvirtd reads its hooks at start or reload: run 'systemctl reload libvirtd' "
+          "(or restart it)", file=sys.stderr)
+    return 0
+
+
+def cmd_uninstall_hooks(args: argparse.Namespace) -> int:
+    from .install import uninstall
+
+    removed = uninstall(args.hooks_dir)
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print("no netplug hooks installed in " + args.hooks_dir, file=sys.stderr)
+    return 0
+
+
+def cmd_hook(args: argparse.Namespace) -> int:
+    from .hook import main
+
+    return main([args.kind, *args.hook_args], sys.stdin.buffer, sys.stderr, kind=args.kind,
+                config=args.config, state_dir=args.state_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .install import DEFAULT_HOOKS_DIR
+
+    p = argparse.ArgumentParser(prog="netplug", description=(
+        "Bridge MAC-table management and macvtap RX-filter sync for libvirt hosts."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser("plan", help="print, as JSON, what the hook would do (no root, no "
+                                     "kernel access)")
+    sp.add_argument("--domain-xml", required=True, metavar="FILE", help="domain XML ('-': stdin)")
+    sp.add_argument("--network-xml", action="append", default=[], metavar="FILE",
+                    help="a libvirt network XML (repeatable)")
+    sp.add_argument("--config", metavar="FILE", help="netplug config (TOML)")
+    sp.add_argument("--op", default="start", help="hook operation to plan (default: start)")
+    sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("install-hooks", help="install the libvirt hook shims")
+    sp.add_argument("--hooks-dir", default=DEFAULT_HOOKS_DIR)
+    sp.add_argument("--python", help="interpreter to bind the shims to (default: this one)")
+    sp.add_argument("--config", help="config path to write into the shims (libvirtd passes "
+                                     "no environment to hooks)")
+    sp.add_argument("--state-dir", help="state dir to write into the shims")
+    sp.set_defaults(func=cmd_install_hooks)
+
+    sp = sub.add_parser("uninstall-hooks", help="remove exactly the shims install-hooks wrote")
+    sp.add_argument("--hooks-dir", default=DEFAULT_HOOKS_DIR)
+    sp.set_defaults(func=cmd_uninstall_hooks)
+
+    sp = sub.add_parser("hook", help="run a hook by hand, as libvirtd would (XML on stdin)")
+    sp.add_argument("kind", choices=("qemu", "network"))
+    sp.add_argument("hook_args", nargs=argparse.REMAINDER, metavar="OBJECT OP SUBOP EXTRA")
+    sp.add_argument("--config")
+    sp.add_argument("--state-dir")
+    sp.set_defaults(func=cmd_hook)
+
+    for name, register in _EXTRA_COMMANDS:
+        register(sub)
+    return p
+
+
+# Subcommands living in their own modules register here: (name, register(subparsers)).
+_EXTRA_COMMANDS: list[tuple[str, Callable]] = []
+
+
+def _load_extra_commands() -> None:
+    import importlib
+
+    for modname in ("agent", "reconcile", "status", "doctor"):
+        try:
+            mod = importlib.import_module(f"libvirt_netplug.{modname}")
+        except ModuleNotFoundError as e:
+            if e.name == f"libvirt_netplug.{modname}":
+                continue
+            raise
+        _EXTRA_COMMANDS.append((modname, mod.register))
+
+
+def main(argv: list[str] | None = None) -> int:
+    _load_extra_commands()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except NetplugError as e:
+        print(f"netplug {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

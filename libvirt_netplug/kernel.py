@@ -1,0 +1,341 @@
+"""The kernel seam: every netlink and ioctl call netplug makes goes through ``Kernel``.
+
+``NetlinkKernel`` is the one real implementation. Unit tests use an in-memory fake of the same
+interface (tests/fakes.py). Errors are translated here, once, into ``KernelError`` subclasses
+that name the device and the operation; EEXIST on an add and ENOENT on a delete are treated as
+"already so" (idempotency by errno).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from . import netlink as nl
+from .errors import DeviceGone, KernelError, NotSupported, kernel_error
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    index: int
+    kind: str | None  # "bridge", "tun", "veth", "macvtap", ... (None for plain devices)
+    address: str | None
+    master: str | None  # name of the bridge (or other master) this device is enslaved to
+    lower: int | None  # IFLA_LINK: ifindex of a macvtap's lower device
+    up: bool
+    promisc: bool  # the user-requested IFF_PROMISC flag
+    allmulti: bool  # the user-requested IFF_ALLMULTI flag
+    promiscuity: int | None  # the kernel's counter (>0: the device is in promiscuous mode)
+    allmulti_count: int | None
+    bridge_port: bool = False
+    learning: bool | None = None
+    flood: bool | None = None
+    vlan_filtering: bool | None = None  # bridges only; None: the kernel does not report it
+    macvlan_mode: str | None = None
+    nopromisc: bool = False
+
+
+@dataclass(frozen=True, order=True)
+class FdbEntry:
+    """One entry of a bridge's forwarding table (NTF_MASTER), or of a device's own lists."""
+
+    port: str
+    mac: str
+    vlan: int | None
+    state: str  # "permanent" (host-local), "static" (NUD_NOARP) or "dynamic" (learned)
+    sticky: bool = False
+    self_entry: bool = False  # NTF_SELF: the device's own uc/mc list, not the bridge table
+    extern_learn: bool = False
+
+
+class Kernel(Protocol):
+    def links(self) -> dict[str, Link]: ...
+    def link(self, name: str) -> Link: ...
+    def bridge_ports(self, bridge: str) -> dict[str, Link]: ...
+    def fdb(self, bridge: str, port: str | None = None) -> list[FdbEntry]: ...
+    def device_addresses(self, dev: str) -> tuple[list[str], list[str]]: ...
+    def replace_fdb(self, port: str, mac: str, vlan: int | None = None,
+                    sticky: bool = False) -> None: ...
+    def delete_fdb(self, port: str, mac: str, vlan: int | None = None) -> bool: ...
+    def set_port_flags(self, port: str, learning: bool | None = None,
+                       flood: bool | None = None) -> None: ...
+    def set_vlan_filtering(self, bridge: str, on: bool) -> bool: ...
+    def add_multicast(self, dev: str, mac: str) -> None: ...
+    def del_multicast(self, dev: str, mac: str) -> bool: ...
+    def add_unicast(self, dev: str, mac: str) -> None: ...
+    def del_unicast(self, dev: str, mac: str) -> bool: ...
+    def set_promisc(self, dev: str, on: bool) -> None: ...
+    def set_allmulti(self, dev: str, on: bool) -> None: ...
+    def set_address(self, dev: str, mac: str) -> None: ...
+
+
+SIOCADDMULTI = 0x8931
+SIOCDELMULTI = 0x8932
+_IFREQ_HWADDR = struct.Struct("=16sH14s")
+MACVLAN_FLAG_NOPROMISC = 1
+
+
+def _fdb_state(state: int, flags: int) -> str:
+    if state & nl.NUD_PERMANENT:
+        return "permanent"
+    if state & nl.NUD_NOARP:
+        return "static"
+    return "dynamic"
+
+
+class NetlinkKernel:
+    """Kernel access over rtnetlink (and SIOC[ADD|DEL]MULTI for multicast, like `ip maddr`)."""
+
+    def __init__(self, timeout: float = 2.0):
+        self._nl = nl.Netlink(timeout)
+        self._ioctl_sock: socket.socket | None = None
+
+    def close(self) -> None:
+        self._nl.close()
+        if self._ioctl_sock is not None:
+            self._ioctl_sock.close()
+
+    def __enter__(self) -> "NetlinkKernel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    @staticmethod
+    def _index(op: str, name: str) -> int:
+        try:
+            return socket.if_nametoindex(name)
+        except OSError as e:
+            raise kernel_error(op, name, e.errno or errno.ENODEV) from e
+
+    def _request(self, op: str, device: str, msgtype: int, body: bytes, flags: int = 0,
+                 ok: tuple[int, ...] = ()) -> bool:
+        """Send a request; True if applied, False if it failed with an errno listed in ok."""
+        try:
+            self._nl.request(msgtype, body, flags)
+            return True
+        except nl.NetlinkError as e:
+            if e.errno in ok:
+                return False
+            raise kernel_error(op, device, e.errno) from e
+
+    def _link_dump(self, master: int | None = None) -> list[nl.LinkMsg]:
+        attrs = nl.nla_u32(nl.IFLA_EXT_MASK, nl.RTEXT_FILTER_SKIP_STATS)
+        if master is not None:
+            attrs += nl.nla_u32(nl.IFLA_MASTER, master)
+        try:
+            msgs = self._nl.dump(nl.RTM_GETLINK, nl.ifinfomsg() + attrs)
+        except nl.NetlinkError as e:
+            raise kernel_error("link dump", "all links", e.errno) from e
+        return [nl.parse_link(buf, a, b) for t, buf, a, b in msgs if t == nl.RTM_NEWLINK]
+
+    @staticmethod
+    def _to_link(m: nl.LinkMsg, names: dict[int, str]) -> Link:
+        return Link(
+            name=m.name, index=m.index, kind=m.kind, address=m.address,
+            master=names.get(m.master) if m.master else None, lower=m.link,
+            up=bool(m.flags & nl.IFF_UP), promisc=bool(m.flags & nl.IFF_PROMISC),
+            allmulti=bool(m.flags & nl.IFF_ALLMULTI), promiscuity=m.promiscuity,
+            allmulti_count=m.allmulti, bridge_port=m.slave_kind == "bridge",
+            learning=m.learning, flood=m.unicast_flood, vlan_filtering=m.vlan_filtering,
+            macvlan_mode=m.macvlan_mode,
+            nopromisc=bool((m.macvlan_flags or 0) & MACVLAN_FLAG_NOPROMISC),
+        )
+
+    # -- reads -------------------------------------------------------------------------
+
+    def links(self) -> dict[str, Link]:
+        msgs = self._link_dump()
+        names = {m.index: m.name for m in msgs}
+        return {m.name: self._to_link(m, names) for m in msgs}
+
+    def link(self, name: str) -> Link:
+        body = nl.ifinfomsg() + nl.nla_str(nl.IFLA_IFNAME, name) + nl.nla_u32(
+            nl.IFLA_EXT_MASK, nl.RTEXT_FILTER_SKIP_STATS)
+        try:
+            buf, a, b = self._nl.get(nl.RTM_GETLINK, body)
+        except nl.NetlinkError as e:
+            raise kernel_error("read link", name, e.errno) from e
+        m = nl.parse_link(buf, a, b)
+        names = {}
+        if m.master:
+            try:
+                names[m.master] = socket.if_indextoname(m.master)
+            except OSError:
+                pass
+        return self._to_link(m, names)
+
+    def bridge_ports(self, bridge: str) -> dict[str, Link]:
+        """Every port of ``bridge``, with learning/flood, from one filtered link dump."""
+        br = self._index("read bridge ports", bridge)
+        return {m.name: self._to_link(m, {br: bridge}) for m in self._link_dump(master=br)
+                if m.master == br}
+
+    def fdb(self, bridge: str, port: str | None = None) -> list[FdbEntry]:
+        """The bridge's forwarding table (NTF_MASTER entries), optionally of one port only."""
+        br = self._index("read fdb", bridge)
+        port_index = self._index("read fdb", port) if port else 0
+        body = nl.ifinfomsg(nl.AF_BRIDGE, port_index) + nl.nla_u32(nl.IFLA_MASTER, br)
+        try:
+            msgs = self._nl.dump(nl.RTM_GETNEIGH, body)
+        except nl.NetlinkError as e:
+            raise kernel_error("read fdb", port or bridge, e.errno) from e
+        names: dict[int, str] = {}
+        out = []
+        for t, buf, a, b in msgs:
+            if t != nl.RTM_NEWNEIGH:
+                continue
+            n = nl.parse_neigh(buf, a, b)
+            # Bridge-table entries carry NDA_MASTER (the dump does not set NTF_MASTER);
+            # entries without it are the port device's own uc/mc lists ("self").
+            if n is None or n.master != br or n.ifindex == br:
+                continue
+            if port_index and n.ifindex != port_index:
+                continue
+            if n.ifindex not in names:
+                try:
+                    names[n.ifindex] = socket.if_indextoname(n.ifindex)
+                except OSError:
+                    continue  # the port vanished while we read
+            out.append(FdbEntry(names[n.ifindex], n.mac, n.vlan, _fdb_state(n.state, n.flags),
+                                sticky=bool(n.flags & nl.NTF_STICKY),
+                                extern_learn=bool(n.flags & nl.NTF_EXT_LEARNED)))
+        return sorted(out)
+
+    def device_addresses(self, dev: str) -> tuple[list[str], list[str]]:
+        """A device's own unicast and multicast address lists (as in /proc/net/dev_mcast)."""
+        idx = self._index("read addresses", dev)
+        try:
+            msgs = self._nl.dump(nl.RTM_GETNEIGH, nl.ifinfomsg(nl.AF_BRIDGE, idx))
+        except nl.NetlinkError as e:
+            raise kernel_error("read addresses", dev, e.errno) from e
+        uc, mc = set(), set()
+        for t, buf, a, b in msgs:
+            n = nl.parse_neigh(buf, a, b) if t == nl.RTM_NEWNEIGH else None
+            if n is None or n.ifindex != idx or not n.flags & nl.NTF_SELF:
+                continue
+            (mc if int(n.mac[:2], 16) & 1 else uc).add(n.mac)
+        return sorted(uc), sorted(mc)
+
+    # -- bridge writes -----------------------------------------------------------------
+
+    def replace_fdb(self, port: str, mac: str, vlan: int | None = None,
+                    sticky: bool = False) -> None:
+        idx = self._index("add fdb entry", port)
+        flags = nl.NTF_MASTER | (nl.NTF_STICKY if sticky else 0)
+        body = nl.ndmsg(nl.AF_BRIDGE, idx, nl.NUD_NOARP, flags) + nl.nla(
+            nl.NDA_LLADDR, nl.mac_bytes(mac))
+        if vlan is not None:
+            body += nl.nla_u16(nl.NDA_VLAN, vlan)
+        self._request(f"add fdb entry {mac}", port, nl.RTM_NEWNEIGH, body,
+                      nl.NLM_F_CREATE | nl.NLM_F_REPLACE)
+
+    def delete_fdb(self, port: str, mac: str, vlan: int | None = None) -> bool:
+        idx = self._index("delete fdb entry", port)
+        body = nl.ndmsg(nl.AF_BRIDGE, idx, 0, nl.NTF_MASTER) + nl.nla(
+            nl.NDA_LLADDR, nl.mac_bytes(mac))
+        if vlan is not None:
+            body += nl.nla_u16(nl.NDA_VLAN, vlan)
+        return self._request(f"delete fdb entry {mac}", port, nl.RTM_DELNEIGH, body,
+                             ok=(errno.ENOENT,))
+
+    def set_port_flags(self, port: str, learning: bool | None = None,
+                       flood: bool | None = None) -> None:
+        idx = self._index("set port flags", port)
+        attrs = b""
+        if learning is not None:
+            attrs += nl.nla_u8(nl.IFLA_BRPORT_LEARNING, int(learning))
+        if flood is not None:
+            attrs += nl.nla_u8(nl.IFLA_BRPORT_UNICAST_FLOOD, int(flood))
+        if not attrs:
+            return
+        body = nl.ifinfomsg(nl.AF_BRIDGE, idx) + nl.nla_nested(nl.IFLA_PROTINFO, attrs)
+        self._request("set port flags", port, nl.RTM_SETLINK, body)
+
+    def set_vlan_filtering(self, bridge: str, on: bool) -> bool:
+        """Switch vlan_filtering; return whether the bridge now reports the wanted value.
+
+        A kernel built without CONFIG_BRIDGE_VLAN_FILTERING accepts or rejects the attribute
+        depending on version but never turns it on, so we read it back instead of trusting
+        the ACK.
+        """
+        idx = self._index("set vlan_filtering", bridge)
+        body = nl.ifinfomsg(nl.AF_UNSPEC, idx) + nl.nla_nested(
+            nl.IFLA_LINKINFO, nl.nla_str(nl.IFLA_INFO_KIND, "bridge"),
+            nl.nla_nested(nl.IFLA_INFO_DATA, nl.nla_u8(nl.IFLA_BR_VLAN_FILTERING, int(on))))
+        try:
+            self._request("set vlan_filtering", bridge, nl.RTM_NEWLINK, body)
+        except NotSupported:
+            return False
+        except KernelError as e:
+            if e.errno == errno.EINVAL:
+                return False
+            raise
+        return self.link(bridge).vlan_filtering is on
+
+    # -- device writes (macvtap RX filters) ----------------------------------------------
+
+    def _ioctl(self, op: str, request: int, dev: str, mac: str, ok: tuple[int, ...]) -> bool:
+        if self._ioctl_sock is None:
+            self._ioctl_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        ifr = _IFREQ_HWADDR.pack(dev.encode(), 0, nl.mac_bytes(mac).ljust(14, b"\0"))
+        try:
+            fcntl.ioctl(self._ioctl_sock.fileno(), request, ifr)
+            return True
+        except OSError as e:
+            if e.errno in ok:
+                return False
+            raise kernel_error(op, dev, e.errno or errno.EIO) from e
+
+    def add_multicast(self, dev: str, mac: str) -> None:
+        # SIOCADDMULTI marks the address as a "global" (user) membership, the same as
+        # `ip maddr add` and libvirt: adding twice is a no-op and the kernel's own
+        # memberships of that address (e.g. IPv6 all-nodes) are counted separately.
+        self._ioctl(f"add multicast {mac}", SIOCADDMULTI, dev, mac, ok=(errno.EEXIST,))
+
+    def del_multicast(self, dev: str, mac: str) -> bool:
+        return self._ioctl(f"delete multicast {mac}", SIOCDELMULTI, dev, mac,
+                           ok=(errno.ENOENT, errno.EADDRNOTAVAIL))
+
+    def add_unicast(self, dev: str, mac: str) -> None:
+        # Only passthru macvtaps accept unicast addresses (EOPNOTSUPP otherwise); they land
+        # in the lower device's unicast filter. NLM_F_REPLACE is refused by macvlan.
+        idx = self._index("add unicast address", dev)
+        body = nl.ndmsg(nl.AF_BRIDGE, idx, nl.NUD_PERMANENT, nl.NTF_SELF) + nl.nla(
+            nl.NDA_LLADDR, nl.mac_bytes(mac))
+        self._request(f"add unicast address {mac}", dev, nl.RTM_NEWNEIGH, body,
+                      nl.NLM_F_CREATE | nl.NLM_F_EXCL, ok=(errno.EEXIST,))
+
+    def del_unicast(self, dev: str, mac: str) -> bool:
+        idx = self._index("delete unicast address", dev)
+        body = nl.ndmsg(nl.AF_BRIDGE, idx, 0, nl.NTF_SELF) + nl.nla(
+            nl.NDA_LLADDR, nl.mac_bytes(mac))
+        return self._request(f"delete unicast address {mac}", dev, nl.RTM_DELNEIGH, body,
+                             ok=(errno.ENOENT,))
+
+    def _set_flag(self, op: str, dev: str, flag: int, on: bool) -> None:
+        idx = self._index(op, dev)
+        body = nl.ifinfomsg(nl.AF_UNSPEC, idx, flag if on else 0, flag)
+        self._request(op, dev, nl.RTM_NEWLINK, body)
+
+    def set_promisc(self, dev: str, on: bool) -> None:
+        self._set_flag(f"set promisc {'on' if on else 'off'}", dev, nl.IFF_PROMISC, on)
+
+    def set_allmulti(self, dev: str, on: bool) -> None:
+        self._set_flag(f"set allmulticast {'on' if on else 'off'}", dev, nl.IFF_ALLMULTI, on)
+
+    def set_address(self, dev: str, mac: str) -> None:
+        idx = self._index("set address", dev)
+        body = nl.ifinfomsg(nl.AF_UNSPEC, idx) + nl.nla(nl.IFLA_ADDRESS, nl.mac_bytes(mac))
+        self._request(f"set address {mac}", dev, nl.RTM_NEWLINK, body)
+
+
+__all__ = ["Kernel", "NetlinkKernel", "Link", "FdbEntry", "DeviceGone", "KernelError",
+           "NotSupported"]

@@ -1,0 +1,231 @@
+"""Operations: the plan's vocabulary. Each names what it changes and for whom.
+
+An Operation is a frozen value: ``describe()`` for logs and the CLI, ``to_json()`` for
+``netplug plan``/``--json``, ``run(kernel)`` to perform it and ``inverse()`` to roll back a
+half-applied port.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from .kernel import Kernel
+
+
+@dataclass(frozen=True)
+class Context:
+    """Who an operation is for: every kernel change names domain, interface, bridge and MAC."""
+
+    domain: str | None = None
+    interface: str | None = None  # alias (net0) or #index
+    mac: str | None = None  # the guest's MAC
+    bridge: str | None = None  # bridge, or lower device for macvtap operations
+    network: str | None = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.domain:
+            parts.append(f"domain {self.domain}")
+        if self.interface:
+            parts.append(f"interface {self.interface}")
+        if self.mac:
+            parts.append(f"mac {self.mac}")
+        if self.bridge:
+            parts.append(f"bridge {self.bridge}")
+        if self.network:
+            parts.append(f"network {self.network}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Operation:
+    ctx: Context
+    device: str  # the device changed: tap, macvtap or bridge
+
+    kind: ClassVar[str] = "operation"
+
+    def what(self) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.what()} [{self.ctx.describe()}]"
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "ctx" and not k.startswith("prev")}
+        return {"action": self.kind, **d, "context": {k: v for k, v in asdict(self.ctx).items()
+                                                       if v is not None}}
+
+    def run(self, kernel: Kernel) -> None:
+        raise NotImplementedError
+
+    def inverse(self) -> "Operation | None":
+        return None
+
+
+@dataclass(frozen=True)
+class ReplaceFdb(Operation):
+    mac: str
+    vlan: int | None = None
+    sticky: bool = False
+    kind: ClassVar[str] = "fdb-replace"
+
+    def what(self) -> str:
+        vlan = f" vlan {self.vlan}" if self.vlan is not None else ""
+        sticky = " sticky" if self.sticky else ""
+        return f"add static{sticky} FDB entry {self.mac}{vlan} on {self.device}"
+
+    def run(self, kernel: Kernel) -> None:
+        kernel.replace_fdb(self.device, self.mac, self.vlan, self.sticky)
+
+    def inverse(self) -> Operation:
+        return DeleteFdb(self.ctx, self.device, self.mac, self.vlan)
+
+
+@dataclass(frozen=True)
+class DeleteFdb(Operation):
+    mac: str
+    vlan: int | None = None
+    kind: ClassVar[str] = "fdb-delete"
+
+    def what(self) -> str:
+        vlan = f" vlan {self.vlan}" if self.vlan is not None else ""
+        return f"delete FDB entry {self.mac}{vlan} on {self.device}"
+
+    def run(self, kernel: Kernel) -> None:
+        kernel.delete_fdb(self.device, self.mac, self.vlan)
+
+
+@dataclass(frozen=True)
+class SetPortFlags(Operation):
+    learning: bool
+    flood: bool
+    prev_learning: bool | None = None
+    prev_flood: bool | None = None
+    kind: ClassVar[str] = "port-flags"
+
+    def what(self) -> str:
+        onoff = {True: "on", False: "off"}
+        return f"set learning {onoff[self.learning]} flood {onoff[self.flood]} on {self.device}"
+
+    def run(self, kernel: Kernel) -> None:
+        kernel.set_port_flags(self.device, learning=self.learning, flood=self.flood)
+
+    def inverse(self) -> Operation | None:
+        if self.prev_learning is None or self.prev_flood is None:
+            return SetPortFlags(self.ctx, self.device, True, True)
+        return SetPortFlags(self.ctx, self.device, self.prev_learning, self.prev_flood)
+
+
+@dataclass(frozen=True)
+class SetVlanFiltering(Operation):
+    on: bool = True
+    kind: ClassVar[str] = "vlan-filtering"
+
+    def what(self) -> str:
+        return f"set vlan_filtering {'on' if self.on else 'off'} on bridge {self.device}"
+
+    def run(self, kernel: Kernel) -> None:
+        # Support is probed before planning; a False here means the kernel silently ignored
+        # it, which the next observation reports. Nothing to roll back.
+        kernel.set_vlan_filtering(self.device, self.on)
+
+
+@dataclass(frozen=True)
+class AddMulticast(Operation):
+    mac: str
+    kind: ClassVar[str] = "multicast-add"
+
+    def what(self) -> str:
+        return f"add multicast {self.mac} to {self.device}"
+
+    def run(self, kernel: Kernel) -> None:
+        kernel.add_multicast(self.device, self.mac)
+
+    def inverse(self) -> Operation:
+        return DelMulticast(self.ctx, self.device, self.mac)
+
+
+@dataclass(frozen=True)
+class DelMulticast(Operation):
+    mac: str
+    kind: ClassVar[str] = "multicast-delete"
+
+    def what(self) -> str:
+        return f"remove multicast {self.mac} from {self.device}"
+
+    def run(self, kernel: Kernel) -> None:
+        kernel.del_multicast(self.device, self.mac)
+
+
+@dataclass(frozen=True)
+class AddUnicast(Operation):
+    mac: str
+    kind: ClassVar[str] = "unicast-add"
+
+    def what(self) -> str:
+        return f"add unicast {self.mac} to {self.device} (lower device filter)"
+
+    def run(self, kernel: Kernel) -> None:
+        kernel.add_unicast(self.device, self.mac)
+
+    def inverse(self) -> Operation:
+        return DelUnicast(self.ctx, self.device, self.mac)
+
+
+@dataclass(frozen=True)
+class DelUnicast(Operation):
+    mac: str
+    kind: ClassVar[str] = "unicast-delete"
+
+    def what(self) -> str:
+        return f"remove unicast {self.mac} from {self.device}"
+
+    def run(self, kernel: Kernel) -> None:
+        kernel.del_unicast(self.device, self.mac)
+
+
+@dataclass(frozen=True)
+class SetAllmulti(Operation):
+    on: bool
+    kind: ClassVar[str] = "allmulti"
+
+    def what(self) -> str:
+        return f"set allmulticast {'on' if self.on else 'off'} on {self.device}"
+
+    def run(self, kernel: Kernel) -> None:
+        kernel.set_allmulti(self.device, self.on)
+
+    def inverse(self) -> Operation:
+        return SetAllmulti(self.ctx, self.device, not self.on)
+
+
+@dataclass(frozen=True)
+class SetPromisc(Operation):
+    on: bool
+    kind: ClassVar[str] = "promisc"
+
+    def what(self) -> str:
+        return f"set promisc {'on' if self.on else 'off'} on {self.device}"
+
+    def run(self, kernel: Kernel) -> None:
+        kernel.set_promisc(self.device, self.on)
+
+    def inverse(self) -> Operation:
+        return SetPromisc(self.ctx, self.device, not self.on)
+
+
+@dataclass(frozen=True)
+class SetAddress(Operation):
+    mac: str
+    prev_mac: str | None = None
+    kind: ClassVar[str] = "address"
+
+    def what(self) -> str:
+        return f"set address {self.mac} on {self.device}"
+
+    def run(self, kernel: Kernel) -> None:
+        kernel.set_address(self.device, self.mac)
+
+    def inverse(self) -> Operation | None:
+        return SetAddress(self.ctx, self.device, self.prev_mac) if self.prev_mac else None

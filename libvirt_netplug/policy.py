@@ -1,0 +1,212 @@
+"""netplug policy: what to manage, parsed from XML metadata, attributes and the TOML config.
+
+Sources, lowest precedence first (each later source overrides the fields it sets):
+1. config file ``[bridge.NAME]`` (host bridges) or ``[direct.LOWERDEV]`` (macvtap lower devices)
+2. ``promiscLinks='no'`` on a network's ``<bridge>`` element, where the XML still carries it
+3. network metadata ``<netplug:policy …/>``
+4. domain metadata ``<netplug:policy …/>`` attributes (every interface of the domain)
+5. domain metadata ``<netplug:interface mac='…' …/>`` inside it (one interface, by MAC)
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from .errors import PolicyError
+
+NS = "urn:x-libvirt-netplug:1"
+DEFAULT_CONFIG = "/etc/libvirt-netplug/config.toml"
+RX_TOKENS = ("multicast", "allmulti", "mac", "promisc", "unicast")
+DEFAULT_MAX_MULTICAST = 64
+DEFAULT_MAX_UNICAST = 64
+MAX_CAP = 4096  # a cap is a safety limit, not a way to say "unbounded"
+
+_BOOL_WORDS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A (partial) policy: None means "not set here", so layers can be merged."""
+
+    promisc_links: bool | None = None
+    sticky: bool | None = None
+    vlan_filtering: bool | None = None
+    strict: bool | None = None
+    rx_filters: frozenset[str] | None = None
+    max_multicast: int | None = None
+    max_unicast: int | None = None
+    sources: tuple[str, ...] = field(default=(), compare=False)
+
+    def over(self, base: "Policy") -> "Policy":
+        """This policy layered over ``base``: our set fields win."""
+        merged = {f.name: getattr(self, f.name) if getattr(self, f.name) is not None
+                  else getattr(base, f.name) for f in fields(self) if f.name != "sources"}
+        return Policy(**merged, sources=base.sources + self.sources)
+
+    @property
+    def manages_bridge_port(self) -> bool:
+        return self.promisc_links is False
+
+    @property
+    def rx(self) -> frozenset[str]:
+        return self.rx_filters or frozenset()
+
+    @property
+    def multicast_cap(self) -> int:
+        return self.max_multicast if self.max_multicast is not None else DEFAULT_MAX_MULTICAST
+
+    @property
+    def unicast_cap(self) -> int:
+        return self.max_unicast if self.max_unicast is not None else DEFAULT_MAX_UNICAST
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in fields(self) if f.name != "sources")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, key in _ATTRS.items():
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                value = "yes" if value else "no"
+            elif isinstance(value, frozenset):
+                value = " ".join(t for t in RX_TOKENS if t in value)
+            out[name] = value
+        return out
+
+
+# XML attribute / TOML key → Policy field
+_ATTRS = {
+    "promiscLinks": "promisc_links",
+    "sticky": "sticky",
+    "vlanFiltering": "vlan_filtering",
+    "strict": "strict",
+    "rxFilters": "rx_filters",
+    "maxMulticast": "max_multicast",
+    "maxUnicast": "max_unicast",
+}
+
+
+def _parse_bool(value: Any, where: str, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise PolicyError(f"{where}: {key}={value!r} is not valid; use 'yes' or 'no'")
+
+
+def _parse_cap(value: Any, where: str, key: str) -> int:
+    try:
+        n = int(value, 10) if isinstance(value, str) else value
+    except ValueError:
+        n = None
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_CAP:
+        raise PolicyError(f"{where}: {key}={value!r} is not valid; use a number from 0 to "
+                          f"{MAX_CAP}")
+    return n
+
+
+def _parse_rx(value: Any, where: str, key: str) -> frozenset[str]:
+    if isinstance(value, str):
+        tokens = value.replace(",", " ").split()
+    elif isinstance(value, list) and all(isinstance(t, str) for t in value):
+        tokens = value
+    else:
+        raise PolicyError(f"{where}: {key}={value!r} is not valid; use a space-separated list "
+                          f"of {', '.join(RX_TOKENS)}")
+    unknown = [t for t in tokens if t not in RX_TOKENS]
+    if unknown:
+        raise PolicyError(f"{where}: {key} has unknown token {unknown[0]!r}; known tokens: "
+                          f"{', '.join(RX_TOKENS)}")
+    return frozenset(tokens)
+
+
+def policy_from_mapping(values: Mapping[str, Any], where: str) -> Policy:
+    """Build a Policy from XML attributes or a TOML table; errors name ``where`` and the key."""
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        name = _ATTRS.get(key)
+        if name is None:
+            raise PolicyError(f"{where}: unknown policy setting {key!r}; known: "
+                              f"{', '.join(_ATTRS)}")
+        if name in ("max_multicast", "max_unicast"):
+            kwargs[name] = _parse_cap(value, where, key)
+        elif name == "rx_filters":
+            kwargs[name] = _parse_rx(value, where, key)
+        else:
+            kwargs[name] = _parse_bool(value, where, key)
+    return Policy(**kwargs, sources=(where,))
+
+
+def policy_from_element(el, where: str) -> Policy:
+    """A ``<netplug:policy>`` or ``<netplug:interface>`` element's attributes (minus mac)."""
+    attrs = {k: v for k, v in el.attrib.items() if k != "mac" and not k.startswith("{")}
+    return policy_from_mapping(attrs, where)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The host config file: policies for host bridges and macvtap lower devices."""
+
+    path: str | None = None
+    bridges: Mapping[str, Policy] = field(default_factory=dict)
+    direct: Mapping[str, Policy] = field(default_factory=dict)
+    strict: bool = False
+
+    def bridge_policy(self, bridge: str | None) -> Policy:
+        return self.bridges.get(bridge or "", Policy())
+
+    def direct_policy(self, dev: str | None) -> Policy:
+        return self.direct.get(dev or "", Policy())
+
+
+def config_path(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("NETPLUG_CONFIG") or DEFAULT_CONFIG
+
+
+def load_config(path: str | None = None) -> Config:
+    """Load the TOML config; a missing file is an empty config, a broken one a PolicyError."""
+    path = config_path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return Config(path=None)
+    except OSError as e:
+        raise PolicyError(f"config {path}: cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PolicyError(f"config {path}: invalid TOML: {e}") from None
+    return config_from_dict(data, path)
+
+
+def config_from_dict(data: Mapping[str, Any], path: str) -> Config:
+    bridges: dict[str, Policy] = {}
+    direct: dict[str, Policy] = {}
+    strict = False
+    for key, value in data.items():
+        if key == "strict":
+            strict = _parse_bool(value, f"config {path}", "strict")
+        elif key in ("bridge", "direct"):
+            if not isinstance(value, dict):
+                raise PolicyError(f"config {path}: [{key}] must be a table of tables, e.g. "
+                                  f"[{key}.br0]")
+            target = bridges if key == "bridge" else direct
+            for name, table in value.items():
+                where = f"config {path} [{key}.{name}]"
+                if not isinstance(table, dict):
+                    raise PolicyError(f"{where}: must be a table of settings")
+                target[name] = policy_from_mapping(table, where)
+        else:
+            raise PolicyError(f"config {path}: unknown setting or section {key!r}; known: "
+                              f"strict, [bridge.NAME], [direct.DEV]")
+    return Config(path=path, bridges=bridges, direct=direct, strict=strict)
+
+
+__all__ = ["NS", "Policy", "Config", "load_config", "policy_from_mapping",
+           "policy_from_element", "RX_TOKENS"]
