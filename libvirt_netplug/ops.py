@@ -20,8 +20,9 @@ class Context:
     domain: str | None = None
     interface: str | None = None  # alias (net0) or #index
     mac: str | None = None  # the guest's MAC
-    bridge: str | None = None  # bridge, or lower device for macvtap operations
+    bridge: str | None = None
     network: str | None = None
+    lower: str | None = None  # a macvtap's lower device
 
     def describe(self) -> str:
         parts = []
@@ -35,6 +36,8 @@ class Context:
             parts.append(f"bridge {self.bridge}")
         if self.network:
             parts.append(f"network {self.network}")
+        if self.lower:
+            parts.append(f"lower {self.lower}")
         return ", ".join(parts)
 
 

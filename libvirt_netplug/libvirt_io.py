@@ -1,0 +1,137 @@
+"""Talking to libvirtd (agent, reconcile, status, doctor only: hooks must never import this).
+
+Everything libvirt-python raises is turned into a one-line NetplugError here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Iterable, Mapping
+
+from .errors import NetplugError
+from .model import Domain, Network, parse_domain, parse_network
+from .policy import Config
+from .rxfilter import RxFilter, parse_rx_filter_reply
+from .sync import Desired
+
+log = logging.getLogger(__name__)
+DEFAULT_URI = "qemu:///system"
+
+
+def _libvirt():
+    try:
+        import libvirt
+    except ImportError:
+        raise NetplugError("libvirt-python is not installed; install it with "
+                           "pip install 'libvirt-netplug[agent]'") from None
+    # libvirt-python prints every error to stderr by default; we report them ourselves.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+def connect(uri: str = DEFAULT_URI):
+    libvirt = _libvirt()
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise NetplugError(f"cannot connect to libvirt at {uri}: {e.get_error_message()}; is "
+                           f"libvirtd running? (use --connect URI)") from None
+
+
+def is_running(state: int) -> bool:
+    libvirt = _libvirt()
+    return state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED)
+
+
+def read_networks(conn) -> tuple[dict[str, Network], list[str]]:
+    libvirt = _libvirt()
+    nets: dict[str, Network] = {}
+    errors: list[str] = []
+    try:
+        objs = conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE)
+    except libvirt.libvirtError as e:
+        raise NetplugError(f"cannot list networks: {e.get_error_message()}") from None
+    for n in objs:
+        try:
+            net = parse_network(n.XMLDesc(0), lenient=True)
+        except libvirt.libvirtError:
+            continue  # went away while we listed
+        except NetplugError as e:
+            errors.append(str(e))
+            continue
+        if net.policy_error:
+            errors.append(net.policy_error)
+        nets[net.name] = net
+    return nets, errors
+
+
+def read_domain(dom) -> Domain:
+    return parse_domain(dom.XMLDesc(0))
+
+
+def read_desired(conn, config: Config, names: Iterable[str] | None = None) -> Desired:
+    """Running domains (live XML) and active networks; names limits the domains read."""
+    libvirt = _libvirt()
+    networks, errors = read_networks(conn)
+    wanted = set(names) if names is not None else None
+    domains: list[Domain] = []
+    inactive: set[str] = set()
+    try:
+        objs = conn.listAllDomains(0)
+    except libvirt.libvirtError as e:
+        raise NetplugError(f"cannot list domains: {e.get_error_message()}") from None
+    for d in objs:
+        try:
+            name = d.name()
+            if wanted is not None and name not in wanted:
+                continue
+            state, _reason = d.state()
+            if not is_running(state):
+                inactive.add(name)
+                continue
+            domains.append(read_domain(d))
+        except libvirt.libvirtError:
+            continue  # stopped or undefined while we listed
+        except NetplugError as e:
+            errors.append(str(e))
+    if wanted is not None:
+        missing = wanted - {d.name for d in domains} - inactive
+        for name in sorted(missing):
+            errors.append(f"domain {name}: not found")
+    return Desired(tuple(sorted(domains, key=lambda d: d.name)), networks, config,
+                   frozenset(inactive), tuple(errors))
+
+
+def query_rx_filters(dom, nic: str | None = None) -> dict[str, RxFilter]:
+    """QEMU's query-rx-filter for one NIC (by alias) or all; re-arms NIC_RX_FILTER_CHANGED.
+
+    Note: libvirt marks a domain "tainted: custom-monitor" the first time a monitor command
+    is sent through this API; it is informational.
+    """
+    libvirt = _libvirt()
+    import libvirt_qemu
+
+    cmd: dict[str, Any] = {"execute": "query-rx-filter"}
+    if nic:
+        cmd["arguments"] = {"name": nic}
+    try:
+        reply = libvirt_qemu.qemuMonitorCommand(dom, json.dumps(cmd), 0)
+    except libvirt.libvirtError as e:
+        raise NetplugError(f"query-rx-filter{' ' + nic if nic else ''}: "
+                           f"{e.get_error_message()}") from None
+    return parse_rx_filter_reply(reply)
+
+
+def rx_source_for(conn):
+    """An RxSource (see sync.py) that asks QEMU through this connection."""
+    libvirt = _libvirt()
+
+    def source(domain: Domain) -> Mapping[str, RxFilter] | None:
+        try:
+            dom = conn.lookupByName(domain.name)
+        except libvirt.libvirtError as e:
+            raise NetplugError(f"domain {domain.name}: {e.get_error_message()}") from None
+        return query_rx_filters(dom)
+
+    return source

@@ -1,0 +1,305 @@
+"""macvtap RX-filter sync: the guest's filter (QEMU query-rx-filter) → macvtap operations.
+
+Pure like plan.py: the guest's filter, the kernel's view of the macvtap and netplug's record
+of what it added go in; sorted operations and notes come out. Trust is split by policy tokens
+(``rxFilters="multicast allmulti mac promisc unicast"``), where libvirt's
+trustGuestRxFilters is all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from .errors import InputError
+from .kernel import Link
+from .model import Domain, Interface, Network, check_mac
+from .ops import (AddMulticast, AddUnicast, Context, DelMulticast, DelUnicast, Operation,
+                  SetAddress, SetAllmulti, SetPromisc)
+from .plan import Note, iface_policy
+from .policy import Config, Policy
+
+
+@dataclass(frozen=True)
+class RxFilter:
+    """One NIC's entry of QEMU's query-rx-filter reply."""
+
+    name: str
+    main_mac: str
+    promiscuous: bool = False
+    multicast: str = "normal"  # normal | none | all
+    unicast: str = "normal"
+    multicast_overflow: bool = False
+    unicast_overflow: bool = False
+    broadcast_allowed: bool = True
+    multicast_table: tuple[str, ...] = ()
+    unicast_table: tuple[str, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        return {"main-mac": self.main_mac, "promiscuous": self.promiscuous,
+                "multicast": self.multicast, "unicast": self.unicast,
+                "multicast-table": len(self.multicast_table),
+                "unicast-table": len(self.unicast_table),
+                "multicast-overflow": self.multicast_overflow,
+                "unicast-overflow": self.unicast_overflow}
+
+
+def _mode(value: Any, where: str) -> str:
+    if value not in ("normal", "none", "all"):
+        raise InputError(f"{where}: unexpected rx-filter mode {value!r}")
+    return value
+
+
+def parse_rx_filter_reply(reply: str | bytes | Mapping[str, Any]) -> dict[str, RxFilter]:
+    """Parse a query-rx-filter reply ({"return": [...]}) into filters by NIC name (alias)."""
+    if isinstance(reply, (str, bytes)):
+        try:
+            reply = json.loads(reply)
+        except ValueError as e:
+            raise InputError(f"query-rx-filter reply: not JSON: {e}") from None
+    if not isinstance(reply, Mapping) or not isinstance(reply.get("return"), list):
+        err = reply.get("error") if isinstance(reply, Mapping) else None
+        raise InputError(f"query-rx-filter reply: no 'return' list"
+                         + (f" (error: {err.get('desc', err)})" if err else ""))
+    out = {}
+    for entry in reply["return"]:
+        name = entry.get("name")
+        where = f"query-rx-filter NIC {name}"
+        out[name] = RxFilter(
+            name=name,
+            main_mac=check_mac(entry.get("main-mac"), where),
+            promiscuous=bool(entry.get("promiscuous")),
+            multicast=_mode(entry.get("multicast", "normal"), where),
+            unicast=_mode(entry.get("unicast", "normal"), where),
+            multicast_overflow=bool(entry.get("multicast-overflow")),
+            unicast_overflow=bool(entry.get("unicast-overflow")),
+            broadcast_allowed=bool(entry.get("broadcast-allowed", True)),
+            multicast_table=tuple(sorted({check_mac(m, where, unicast=False)
+                                          for m in entry.get("multicast-table", [])})),
+            unicast_table=tuple(sorted({check_mac(m, where)
+                                        for m in entry.get("unicast-table", [])})),
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class MacvtapIntent:
+    """A guest interface on a macvtap whose RX filter policy may ask netplug to sync."""
+
+    domain: str
+    interface: Interface
+    lower: str | None
+    mode: str | None  # bridge | vepa | private | passthrough
+    network: str | None
+    policy: Policy
+    managed: bool
+    reason: str
+
+    @property
+    def dev(self) -> str | None:
+        return self.interface.target
+
+    @property
+    def ctx(self) -> Context:
+        return Context(self.domain, self.interface.alias or f"#{self.interface.index}",
+                       self.interface.mac, network=self.network, lower=self.lower)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"interface": self.ctx.interface, "type": self.interface.type,
+                "mac": self.interface.mac, "macvtap": self.dev, "lower": self.lower,
+                "mode": self.mode, "network": self.network, "managed": self.managed,
+                "reason": self.reason, "policy": self.policy.to_json()}
+
+
+def macvtap_intents(domain: Domain, networks: Mapping[str, Network],
+                    config: Config) -> list[MacvtapIntent]:
+    out = []
+    for iface in domain.interfaces:
+        net = networks.get(iface.source_network or "") if iface.type == "network" else None
+        if iface.type == "direct":
+            pass
+        elif iface.type == "network" and (net is not None and net.uses_macvtap or
+                                          iface.source_bridge is None and iface.source_dev):
+            pass
+        else:
+            continue
+        lower = iface.source_dev
+        policy = config.direct_policy(lower)
+        reason = ""
+        if net is not None:
+            if net.policy_error:
+                reason = f"invalid policy: {net.policy_error}"
+            policy = net.policy.over(policy)
+        policy = iface_policy(domain, iface, policy)
+        if not reason:
+            if not policy.rx:
+                reason = "policy has no rxFilters"
+            elif iface.trust_guest_rx_filters:
+                reason = ("trustGuestRxFilters='yes': libvirt syncs this interface itself; "
+                          "netplug stands aside")
+            elif iface.target is None:
+                reason = "interface has no <target dev> yet (the macvtap does not exist)"
+            elif iface.alias is None:
+                reason = "interface has no <alias> (needed to query QEMU's RX filter)"
+        out.append(MacvtapIntent(domain.name, iface, lower, iface.source_mode,
+                                 iface.source_network if iface.type == "network" else None,
+                                 policy, managed=not reason, reason=reason or "managed"))
+    return out
+
+
+@dataclass(frozen=True)
+class RxDesired:
+    address: str | None
+    multicast: frozenset[str] = frozenset()
+    unicast: frozenset[str] = frozenset()
+    allmulti: bool = False
+    promisc: bool = False
+
+
+@dataclass(frozen=True)
+class RxPlan:
+    ops: tuple[Operation, ...] = ()
+    notes: tuple[Note, ...] = ()
+    desired: RxDesired | None = None
+    record: Mapping[str, Any] = field(default_factory=dict)  # the record after a full success
+
+
+def desired_rx(intent: MacvtapIntent, f: RxFilter | None) -> tuple[RxDesired, list[Note]]:
+    """What the macvtap should carry for this guest filter, under this intent's policy."""
+    tokens = intent.policy.rx
+    ctx = intent.ctx.describe()
+    configured = intent.interface.mac
+    notes: list[Note] = []
+    if f is None:
+        return RxDesired(address=configured), notes
+    mc: frozenset[str] = frozenset()
+    uc: frozenset[str] = frozenset()
+    allmulti = promisc = False
+    address = configured
+    if "multicast" in tokens:
+        cap = intent.policy.multicast_cap
+        if f.multicast_overflow or len(f.multicast_table) > cap:
+            allmulti = True
+            notes.append(Note("warning", f"{ctx}: guest multicast table "
+                                         f"{'overflowed' if f.multicast_overflow else 'has ' + str(len(f.multicast_table)) + ' entries'}"
+                                         f" (maxMulticast {cap}); using allmulticast instead",
+                              once_key=f"mccap:{intent.domain}:{intent.dev}:{len(f.multicast_table)}"))
+        elif f.multicast != "none":
+            mc = frozenset(f.multicast_table)
+    if "allmulti" in tokens and f.multicast == "all":
+        allmulti = True
+    if "promisc" in tokens and f.promiscuous:
+        promisc = True
+    if "mac" in tokens:
+        address = f.main_mac
+    elif configured and f.main_mac != configured:
+        notes.append(Note("warning", f"{ctx}: guest changed its MAC to {f.main_mac}; refused "
+                                     f"(policy has no 'mac'), {intent.dev} keeps {configured}",
+                          once_key=f"macrefused:{intent.domain}:{intent.dev}:{f.main_mac}"))
+    if "unicast" in tokens:
+        cap = intent.policy.unicast_cap
+        if intent.mode not in ("passthrough", "passthru"):
+            if f.unicast_table:
+                notes.append(Note("warning", f"{ctx}: guest unicast addresses not synced: "
+                                             f"macvtap mode {intent.mode or 'vepa'} cannot "
+                                             f"filter unicast (only passthrough can)",
+                                  once_key=f"ucmode:{intent.domain}:{intent.dev}"))
+        elif f.unicast_overflow or len(f.unicast_table) > cap or f.unicast == "all":
+            if "promisc" in tokens:
+                promisc = True
+            notes.append(Note("warning", f"{ctx}: guest unicast table exceeds maxUnicast {cap}"
+                                         f"{'; using promiscuous mode' if 'promisc' in tokens else '; extra addresses not programmed (allow promisc to fall back)'}",
+                              once_key=f"uccap:{intent.domain}:{intent.dev}:{len(f.unicast_table)}"))
+            if "promisc" not in tokens:
+                uc = frozenset(sorted(f.unicast_table)[:cap])
+        else:
+            uc = frozenset(f.unicast_table)
+    return RxDesired(address, mc, uc, allmulti, promisc), notes
+
+
+def desired_from_record(intent: MacvtapIntent, record: Mapping[str, Any]) -> RxDesired:
+    """What netplug last programmed: the reference for drift when QEMU cannot be asked."""
+    return RxDesired(address=record.get("address") or intent.interface.mac,
+                     multicast=frozenset(record.get("mc", [])),
+                     unicast=frozenset(record.get("uc", [])),
+                     allmulti=bool(record.get("allmulti")), promisc=bool(record.get("promisc")))
+
+
+def plan_rx(intent: MacvtapIntent, f: RxFilter | None, link: Link | None,
+            addresses: tuple[Iterable[str], Iterable[str]] | None,
+            record: Mapping[str, Any] | None, want: RxDesired | None = None) -> RxPlan:
+    """Operations that make the macvtap match the guest's filter; only touches what is ours.
+
+    Addresses netplug did not add (the kernel's own IPv6 all-nodes membership, an admin's
+    entries) are never removed; flags netplug did not set are never cleared. ``want``
+    overrides the desired state derived from ``f`` (reconcile without a live query).
+    """
+    assert intent.dev
+    ctx = intent.ctx
+    dev = intent.dev
+    notes: list[Note] = []
+    if want is None:
+        want, notes = desired_rx(intent, f)
+    rec = dict(record or {})
+    if link is None:
+        return RxPlan((), tuple(notes) + (Note("error", f"{ctx.describe()}: macvtap {dev} does "
+                                                       f"not exist"),), want, {})
+    if rec.get("ifindex") != link.index:
+        rec = {}
+    uc_now, mc_now = (set(a) for a in addresses) if addresses else (set(), set())
+    ours_mc = set(rec.get("mc", []))
+    ours_uc = set(rec.get("uc", []))
+    ops: list[Operation] = []
+    if want.address and link.address != want.address:
+        ops.append(SetAddress(ctx, dev, want.address, link.address))
+    for mac in sorted(want.multicast - (mc_now & ours_mc)):
+        ops.append(AddMulticast(ctx, dev, mac))
+    for mac in sorted((ours_mc & mc_now) - want.multicast):
+        ops.append(DelMulticast(ctx, dev, mac))
+    for mac in sorted(want.unicast - (uc_now & ours_uc)):
+        ops.append(AddUnicast(ctx, dev, mac))
+    for mac in sorted((ours_uc & uc_now) - want.unicast):
+        ops.append(DelUnicast(ctx, dev, mac))
+    allmulti_ours = bool(rec.get("allmulti"))
+    if want.allmulti and not link.allmulti:
+        ops.append(SetAllmulti(ctx, dev, True))
+    elif not want.allmulti and allmulti_ours and link.allmulti:
+        ops.append(SetAllmulti(ctx, dev, False))
+    promisc_ours = bool(rec.get("promisc"))
+    if want.promisc and not link.promisc:
+        ops.append(SetPromisc(ctx, dev, True))
+    elif not want.promisc and promisc_ours and link.promisc:
+        ops.append(SetPromisc(ctx, dev, False))
+    new_record = {
+        "domain": intent.domain, "interface": ctx.interface, "mac": intent.interface.mac,
+        "lower": intent.lower, "network": intent.network, "ifindex": link.index,
+        "mc": sorted(want.multicast), "uc": sorted(want.unicast),
+        "allmulti": want.allmulti and (allmulti_ours or not link.allmulti),
+        "promisc": want.promisc and (promisc_ours or not link.promisc),
+        "address": want.address,
+        "original_address": rec.get("original_address") or intent.interface.mac,
+        "guest": f.summary() if f else rec.get("guest"),
+    }
+    return RxPlan(tuple(ops), tuple(notes), want, new_record)
+
+
+def plan_rx_cleanup(dev: str, record: Mapping[str, Any], link: Link | None,
+                    addresses: tuple[Iterable[str], Iterable[str]] | None) -> tuple[Operation, ...]:
+    """Undo what netplug programmed on a macvtap (suspend, detach, policy removed)."""
+    if link is None or link.index != record.get("ifindex"):
+        return ()
+    ctx = Context(record.get("domain"), record.get("interface"), record.get("mac"),
+                  network=record.get("network"), lower=record.get("lower"))
+    uc_now, mc_now = (set(a) for a in addresses) if addresses else (set(), set())
+    ops: list[Operation] = []
+    ops += [DelMulticast(ctx, dev, m) for m in sorted(set(record.get("mc", [])) & mc_now)]
+    ops += [DelUnicast(ctx, dev, m) for m in sorted(set(record.get("uc", [])) & uc_now)]
+    if record.get("allmulti") and link.allmulti:
+        ops.append(SetAllmulti(ctx, dev, False))
+    if record.get("promisc") and link.promisc:
+        ops.append(SetPromisc(ctx, dev, False))
+    original = record.get("original_address")
+    if original and link.address != original:
+        ops.append(SetAddress(ctx, dev, original, link.address))
+    return tuple(ops)

@@ -1,0 +1,219 @@
+"""Full resync: the one engine behind ``netplug reconcile`` and the agent.
+
+Desired state comes from libvirt's live XML (running domains, active networks) plus the
+config; actual state from the kernel in bulk; what netplug owns from the state dir. The same
+planners as the hooks (plan.plan_ports, rxfilter.plan_rx) produce the operations and the same
+applier performs them, under the same lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from .apply import apply, observe, observe_all, record_ports
+from .errors import DeviceGone, NetplugError
+from .kernel import Kernel
+from .model import Domain, Network
+from .ops import Operation
+from .plan import Note, Observed, PortIntent, bridge_intents, plan_cleanup, plan_ports
+from .policy import Config
+from .rxfilter import (MacvtapIntent, RxFilter, desired_from_record, macvtap_intents, plan_rx,
+                       plan_rx_cleanup)
+from .state import StateDir
+
+log = logging.getLogger(__name__)
+
+# Given a running domain, its guest RX filters by NIC alias; None when QEMU cannot be asked.
+RxSource = Callable[[Domain], Mapping[str, RxFilter] | None]
+
+
+@dataclass(frozen=True)
+class Desired:
+    domains: tuple[Domain, ...]  # running domains (paused ones own nothing)
+    networks: Mapping[str, Network]  # active networks
+    config: Config
+    inactive: frozenset[str] = frozenset()  # defined-but-not-running or paused domain names
+    errors: tuple[str, ...] = ()  # domains/networks whose XML or policy could not be read
+
+
+@dataclass
+class DomainSync:
+    name: str
+    running: bool
+    bridge_intents: list[PortIntent] = field(default_factory=list)
+    macvtap_intents: list[MacvtapIntent] = field(default_factory=list)
+    ops: list[Operation] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+
+
+@dataclass
+class SyncReport:
+    dry_run: bool
+    domains: list[DomainSync] = field(default_factory=list)
+    applied: list[Operation] = field(default_factory=list)
+    errors: list[tuple[Operation, NetplugError]] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+    observed: Observed | None = None
+    elapsed: float = 0.0
+
+    @property
+    def planned(self) -> list[Operation]:
+        return [op for d in self.domains for op in d.ops]
+
+    @property
+    def drift(self) -> bool:
+        return bool(self.planned)
+
+
+def _rx_records_to_keep(intents: Iterable[MacvtapIntent]) -> set[str]:
+    return {i.dev for i in intents if i.managed and i.dev}
+
+
+def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSource | None = None,
+         dry_run: bool = False, only: Iterable[str] | None = None,
+         logger: logging.Logger | None = None) -> SyncReport:
+    """Plan (and unless dry_run, apply and record) everything for the selected domains.
+
+    ``only`` limits the run to those domain names (the agent's per-domain events,
+    ``reconcile --domain``); without it, records of domains that no longer run are retired
+    and network records are refreshed from libvirt.
+    """
+    logger = logger or log
+    t0 = time.monotonic()
+    only_set = set(only) if only is not None else None
+    report = SyncReport(dry_run=dry_run)
+    with state.lock():
+        if not dry_run and only_set is None:
+            _refresh_networks(state, desired.networks)
+        records = state.domains()
+        running = {d.name: d for d in desired.domains}
+        selected = [d for d in desired.domains if only_set is None or d.name in only_set]
+        retired = [n for n in records if n not in running and
+                   (only_set is None or n in only_set)]
+        syncs: dict[str, DomainSync] = {}
+        bridges: set[str] = set()
+        devs: set[str] = set()
+        for d in selected:
+            ds = DomainSync(d.name, True, bridge_intents(d, desired.networks, desired.config),
+                            macvtap_intents(d, desired.networks, desired.config))
+            syncs[d.name] = ds
+            bridges |= {i.bridge for i in ds.bridge_intents if i.managed and i.bridge}
+            devs |= {i.dev for i in ds.macvtap_intents if i.dev}
+        for name in set(retired) | set(syncs):
+            rec = records.get(name, {})
+            bridges |= {r.get("bridge") for r in rec.get("ports", {}).values() if r.get("bridge")}
+            devs |= set(rec.get("rx", {}))
+            devs |= set(rec.get("ports", {}))
+        if only_set is None:
+            observed = observe_all(kernel, bridges)
+        else:
+            observed = observe(kernel, bridges, devs | {i.tap for ds in syncs.values()
+                                                        for i in ds.bridge_intents if i.tap})
+        report.observed = observed
+        addresses = _read_addresses(kernel, devs, observed)
+        port_plans = {}
+        rx_plans: dict[str, dict[str, Any]] = {}
+        for name, ds in syncs.items():
+            rec = records.get(name, {})
+            pp = plan_ports(ds.bridge_intents, observed, rec.get("ports"))
+            port_plans[name] = pp
+            ds.ops += pp.ops
+            ds.notes += pp.notes
+            rx_plans[name] = _plan_domain_rx(running[name], ds, rec.get("rx", {}), observed,
+                                             addresses, rx_source)
+        for name in retired:
+            rec = records[name]
+            ds = DomainSync(name, False)
+            syncs[name] = ds
+            pp = plan_cleanup(rec.get("ports", {}), observed)
+            port_plans[name] = pp
+            ds.ops += pp.ops
+            for dev, r in sorted(rec.get("rx", {}).items()):
+                ds.ops += plan_rx_cleanup(dev, r, observed.links.get(dev), addresses.get(dev))
+        report.domains = [syncs[n] for n in sorted(syncs)]
+        report.notes = [n for ds in report.domains for n in ds.notes]
+        if dry_run:
+            report.elapsed = time.monotonic() - t0
+            return report
+        for ds in report.domains:
+            if ds.ops:
+                logger.info("domain %s: %s", ds.name, "; ".join(o.what() for o in ds.ops))
+            result = apply(ds.ops, kernel, logger)
+            report.applied += result.applied
+            report.errors += result.errors
+            rec = records.get(ds.name) or {"domain": ds.name, "ports": {}, "rx": {}}
+            if ds.running:
+                record_ports(rec, port_plans[ds.name], observed, result)
+                rx = rec.setdefault("rx", {})
+                keep = _rx_records_to_keep(ds.macvtap_intents)
+                for dev in list(rx):
+                    if dev not in keep:
+                        rx.pop(dev)
+                for dev, new in rx_plans[ds.name].items():
+                    if dev not in result.failed_devices and new:
+                        rx[dev] = new
+            else:
+                rec["ports"], rec["rx"] = {}, {}
+            state.put_domain(ds.name, rec)
+    report.elapsed = time.monotonic() - t0
+    return report
+
+
+def _refresh_networks(state: StateDir, networks: Mapping[str, Network]) -> None:
+    for name, net in networks.items():
+        rec = net.to_record()
+        if state.network(name) != rec:
+            state.put_network(name, rec)
+    for name in state.networks():
+        if name not in networks:
+            state.delete_network(name)
+
+
+def _read_addresses(kernel: Kernel, devs: Iterable[str], observed: Observed
+                    ) -> dict[str, tuple[list[str], list[str]]]:
+    out = {}
+    for dev in sorted(devs):
+        link = observed.links.get(dev)
+        if link is None or link.kind != "macvtap":
+            continue
+        try:
+            out[dev] = kernel.device_addresses(dev)
+        except DeviceGone:
+            pass
+    return out
+
+
+def _plan_domain_rx(domain: Domain, ds: DomainSync, records: Mapping[str, Any],
+                    observed: Observed, addresses, rx_source: RxSource | None
+                    ) -> dict[str, dict[str, Any]]:
+    """RX-filter operations for one domain's managed macvtaps; returns the new records."""
+    managed = [i for i in ds.macvtap_intents if i.managed]
+    new_records: dict[str, dict[str, Any]] = {}
+    filters = None
+    if managed and rx_source is not None:
+        try:
+            filters = rx_source(domain)
+        except NetplugError as e:
+            ds.notes.append(Note("error", f"domain {domain.name}: cannot read guest RX "
+                                          f"filters: {e}"))
+    for it in managed:
+        rec = records.get(it.dev)
+        link = observed.links.get(it.dev)
+        if filters is not None:
+            rp = plan_rx(it, filters.get(it.interface.alias or ""), link,
+                         addresses.get(it.dev), rec)
+        elif rec is not None:
+            rp = plan_rx(it, None, link, addresses.get(it.dev), rec,
+                         want=desired_from_record(it, rec))
+        else:
+            continue  # nothing known about this guest's filter yet and nobody to ask
+        ds.ops += rp.ops
+        ds.notes += rp.notes
+        new_records[it.dev] = dict(rp.record)
+    for dev, rec in sorted(records.items()):
+        if dev not in _rx_records_to_keep(ds.macvtap_intents):
+            ds.ops += plan_rx_cleanup(dev, rec, observed.links.get(dev), addresses.get(dev))
+    return new_records
