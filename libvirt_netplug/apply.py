@@ -148,8 +148,8 @@ def record_ports(record: MutableMapping[str, Any], plan: Plan, observed: Observe
                          op.prev_flood if op.prev_flood is not None else True]
         # An entry already right before we ran belongs to this managed guest: adopt it, so
         # cleanup removes it even if the state dir was lost in between.
-        for e in observed.fdb.get(it.bridge or "", ()):
-            if e.port == it.tap and e.mac == it.mac and e.state == "static":
+        for e in observed.entries_on_port(it.bridge or "", it.tap):
+            if e.mac == it.mac and e.state == "static":
                 entries.add((e.mac, e.vlan))
         ports[it.tap] = {
             "domain": it.domain, "interface": it.ctx.interface, "mac": it.mac,

@@ -8,6 +8,7 @@ planned unconditionally.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterable, Mapping, Sequence
 
 from .kernel import FdbEntry, Link
@@ -66,6 +67,29 @@ class Observed:
 
     links: Mapping[str, Link]
     fdb: Mapping[str, Sequence[FdbEntry]]
+
+    @cached_property
+    def _by_mac(self) -> dict[tuple[str, str], list[FdbEntry]]:
+        index: dict[tuple[str, str], list[FdbEntry]] = {}
+        for bridge, entries in self.fdb.items():
+            for e in entries:
+                index.setdefault((bridge, e.mac), []).append(e)
+        return index
+
+    @cached_property
+    def _by_port(self) -> dict[tuple[str, str], list[FdbEntry]]:
+        index: dict[tuple[str, str], list[FdbEntry]] = {}
+        for bridge, entries in self.fdb.items():
+            for e in entries:
+                index.setdefault((bridge, e.port), []).append(e)
+        return index
+
+    def entries_for_mac(self, bridge: str, mac: str) -> list[FdbEntry]:
+        """Indexed: reconcile looks up thousands of ports against thousands of entries."""
+        return self._by_mac.get((bridge, mac), [])
+
+    def entries_on_port(self, bridge: str, port: str) -> list[FdbEntry]:
+        return self._by_port.get((bridge, port), [])
 
 
 @dataclass(frozen=True)
@@ -200,7 +224,7 @@ def plan_ports(intents: Iterable[PortIntent], observed: Observed | None,
             continue
         vlan = _fdb_vlan(bridge_link, it.interface)
         sticky = bool(it.policy.sticky)
-        same = [e for e in observed.fdb.get(it.bridge, ()) if e.mac == it.mac and e.vlan == vlan]
+        same = [e for e in observed.entries_for_mac(it.bridge, it.mac) if e.vlan == vlan]
         foreign = [e for e in same if e.port != it.tap and e.state != "dynamic"]
         if foreign:
             notes.append(Note("error", f"{ctx.describe()}: {it.mac} is already a "
@@ -245,7 +269,7 @@ def plan_cleanup(records: Mapping[str, Mapping[str, Any]], observed: Observed | 
             saved = rec.get("saved") or [True, True]
             if (link.learning, link.flood) != (saved[0], saved[1]):
                 ops.append(SetPortFlags(ctx, tap, saved[0], saved[1], link.learning, link.flood))
-        present = {(e.mac, e.vlan) for e in observed.fdb.get(rec.get("bridge"), ())
-                   if e.port == tap and e.state == "static"}
+        present = {(e.mac, e.vlan) for e in observed.entries_on_port(rec.get("bridge"), tap)
+                   if e.state == "static"}
         ops.extend(DeleteFdb(ctx, tap, m, v) for m, v in entries if (m, v) in present)
     return Plan(tuple(ops), (), (), tuple(sorted(records)))
