@@ -72,7 +72,7 @@ def _networks_for(ctx: _Context, domain) -> dict:
     out = {}
     for iface in domain.interfaces:
         name = iface.source_network
-        if iface.type == "network" and name and name not in out:
+        if name and name not in out:
             rec = ctx.state.network(name)
             if rec is not None:
                 out[name] = Network.from_record(rec)

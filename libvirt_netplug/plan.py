@@ -132,8 +132,10 @@ def bridge_intents(domain: Domain, networks: Mapping[str, Network],
         policy = config.bridge_policy(bridge)
         reason = ""
         net = None
-        if iface.type == "network":
-            net = networks.get(iface.source_network or "")
+        # libvirt's live XML shows a port of a forward-mode='bridge' network as type='bridge'
+        # with <source network=…>: its policy is the network's, whatever the type says.
+        if iface.source_network:
+            net = networks.get(iface.source_network)
             if net is None and policy.is_empty():
                 reason = (f"network {iface.source_network} has no recorded policy (netplug's "
                           f"network hook has not seen it start; run 'netplug reconcile')")
@@ -153,8 +155,7 @@ def bridge_intents(domain: Domain, networks: Mapping[str, Network],
                 reason = "interface has no <mac address>"
             elif iface.target is None:
                 reason = "interface has no <target dev> yet (the tap does not exist)"
-        out.append(PortIntent(domain.name, iface, bridge,
-                              iface.source_network if iface.type == "network" else None,
+        out.append(PortIntent(domain.name, iface, bridge, iface.source_network,
                               policy, managed=not reason, reason=reason or "managed"))
     return out
 
