@@ -101,9 +101,10 @@ auth_unix_ro = "none"
 auth_unix_rw = "none"
 unix_sock_group = "root"
 host_uuid = "{host_uuid}"
-# util.hook at debug level: which hook ran, with which arguments; hook failures (with the
-# hook's stderr) are logged at error level by every module.
-log_filters = "1:util.hook 3:*"
+# util.hook at debug level: which hook ran, with which arguments; util.command at debug
+# level: the stderr of hooks that succeeded (libvirt logs it only there). Hook failures
+# (with the hook's stderr) are logged at error level by every module.
+log_filters = "1:util.hook 1:util.command 3:*"
 log_outputs = "1:file:/var/log/libvirt/libvirtd.log"
 """
 
@@ -198,7 +199,16 @@ def list_labs() -> list[dict]:
             owner = json.loads((d / "owner.json").read_text())
         except (OSError, ValueError):
             owner = {}
-        stale = not owner or not _alive(owner.get("pid", 0), owner.get("starttime"))
+        if owner:
+            stale = not _alive(owner.get("pid", 0), owner.get("starttime"))
+        elif d.is_dir():
+            stale = True  # a lab dir without owner.json: a start() killed half-way
+        else:
+            # A netns with no directory under *this* root may belong to a lab started with
+            # another NETPLUG_LAB_ROOT (netns names are host-wide, roots are not): it is only
+            # stale once nothing lives in it any more.
+            inode = _netns_inode(name)
+            stale = inode is None or not any(_alive(p) for p in _pids_in_netns(inode))
         labs.append({"name": name, "dir": str(d), "owner": owner, "stale": stale})
     return labs
 

@@ -1,0 +1,112 @@
+"""netplug inside a lab: install the hooks the way an operator would, and look at the result.
+
+The hooks run inside the lab's mount namespace, so their config and state paths are lab-private
+paths (under /etc/libvirt and /run/libvirt, which the lab bind-mounts): a lab never reads or
+writes the host's /etc/libvirt-netplug or /run/libvirt-netplug.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .lab import Lab
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = "/etc/libvirt/netplug/config.toml"  # inside the lab
+STATE = "/run/libvirt/netplug-state"  # inside the lab
+
+
+@dataclass
+class Netplug:
+    lab: Lab
+    python: str
+
+    @property
+    def config_path(self) -> Path:
+        return self.lab.host_path(CONFIG)
+
+    @property
+    def state_path(self) -> Path:
+        return self.lab.host_path(STATE)
+
+    def write_config(self, text: str) -> None:
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(text)
+
+    def domain_record(self, name: str) -> dict | None:
+        p = self.state_path / "domains" / f"{name}.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def netplug(self, *args: str, check: bool = True, timeout: float = 120,
+                input: str | None = None) -> subprocess.CompletedProcess:
+        """Run the netplug CLI inside the lab (its namespaces, its libvirtd, its state dir)."""
+        return self.lab.run(self.python, "-m", "libvirt_netplug.cli", *args, check=check,
+                            timeout=timeout, input=input,
+                            env={**os.environ, "NETPLUG_CONFIG": CONFIG,
+                                 "NETPLUG_STATE_DIR": STATE, "PYTHONPATH": str(REPO)})
+
+
+def install_netplug(lab: Lab, config: str = "", python: str | None = None) -> Netplug:
+    """`netplug install-hooks` into the lab's hooks dir, bound to this interpreter, then make
+    libvirtd re-read its hooks."""
+    np = Netplug(lab, python or sys.executable)
+    np.write_config(config)
+    subprocess.run([np.python, "-m", "libvirt_netplug.cli", "install-hooks",
+                    "--hooks-dir", str(lab.hooks_dir), "--config", CONFIG, "--state-dir", STATE],
+                   check=True, capture_output=True, text=True, cwd=REPO)
+    lab.reload_libvirtd()
+    return np
+
+
+def uninstall_netplug(lab: Lab) -> None:
+    subprocess.run([sys.executable, "-m", "libvirt_netplug.cli", "uninstall-hooks",
+                    "--hooks-dir", str(lab.hooks_dir)], check=True, capture_output=True,
+                   cwd=REPO)
+    lab.reload_libvirtd()
+
+
+# -- looking at the lab's kernel (iproute2 JSON only: an oracle independent of netplug) ------
+
+def port_table(lab: Lab, ports: list[str]) -> list[dict]:
+    """learning / flood / static FDB MACs of each port, from `bridge -j`."""
+    links = {p["ifname"]: p for p in json.loads(
+        lab.run("bridge", "-j", "-d", "link", "show").stdout or "[]")}
+    fdb = json.loads(lab.run("bridge", "-j", "fdb", "show").stdout or "[]")
+    rows = []
+    for port in ports:
+        link = links.get(port, {})
+        static = sorted(e["mac"] for e in fdb if e.get("ifname") == port and e.get("master")
+                        and e.get("state") == "static")
+        rows.append({"port": port, "bridge": link.get("master"),
+                     "learning": link.get("learning"), "flood": link.get("flood"),
+                     "static_fdb": static})
+    return rows
+
+
+def tx_packets(lab: Lab, dev: str) -> int:
+    """Frames the host sent out of DEV, i.e. towards the guest behind the tap."""
+    d = json.loads(lab.run("ip", "-s", "-j", "link", "show", "dev", dev).stdout)[0]
+    return int(d["stats64"]["tx"]["packets"])
+
+
+def inject(lab: Lab, dev: str, dst: str, count: int, tag: str = "netplug-e2e") -> None:
+    """Send COUNT test frames to DST out of DEV (a test-host veth end) inside the lab."""
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+            f"from tests.oracle import inject, frame; "
+            f"inject({dev!r}, [frame({dst!r}, '02:00:00:00:00:aa', {tag!r})] * {count})")
+    lab.run(sys.executable, "-c", code)
+
+
+def frames_reaching(lab: Lab, tap: str, peer: str, dst: str, count: int = 200,
+                    settle: float = 0.3) -> int:
+    """How many of COUNT frames to DST, injected at PEER, went out of TAP."""
+    before = tx_packets(lab, tap)
+    inject(lab, peer, dst, count)
+    time.sleep(settle)
+    return tx_packets(lab, tap) - before
