@@ -1,0 +1,74 @@
+"""Unit tier: no root, no kernel. The seam (``NetlinkKernel``) is always the in-memory fake,
+so no unit test can read or change the host's network even by mistake."""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from fakes import FakeKernel
+
+
+@pytest.fixture(autouse=True)
+def fake(monkeypatch) -> FakeKernel:
+    """The kernel every unit test sees (empty unless the test adds devices)."""
+    return FakeKernel().install_into(monkeypatch)
+
+
+@dataclass
+class HookResult:
+    rc: int
+    stderr: str
+    stdout: str
+    elapsed: float
+
+    @property
+    def lines(self) -> list[str]:
+        return self.stderr.splitlines()
+
+    def level(self, level: str) -> list[str]:
+        return [ln for ln in self.lines if f": {level}: " in ln]
+
+    @property
+    def errors(self) -> list[str]:
+        return self.level("ERROR")
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.level("WARNING")
+
+
+@pytest.fixture
+def config_path(tmp_path):
+    return tmp_path / "config.toml"
+
+
+@pytest.fixture
+def state_path(tmp_path):
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def run_hook(capfd, config_path, state_path):
+    """hook.main() as the shim calls it, with in-memory stdin/stderr; fd 1 is checked too."""
+    from libvirt_netplug import hook
+
+    def run(kind: str, obj: str, op: str, data: bytes | str, subop: str = "begin",
+            config: str | None = None) -> HookResult:
+        if config is not None:
+            config_path.write_text(config)
+        if isinstance(data, str):
+            data = data.encode()
+        err = io.StringIO()
+        capfd.readouterr()
+        t0 = time.monotonic()
+        rc = hook.main([kind, obj, op, subop, "-"], io.BytesIO(data), err, kind=kind,
+                       config=str(config_path), state_dir=str(state_path))
+        elapsed = time.monotonic() - t0
+        out = capfd.readouterr().out
+        return HookResult(rc, err.getvalue(), out, elapsed)
+
+    return run

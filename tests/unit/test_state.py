@@ -1,0 +1,181 @@
+"""The state directory: atomic writes, the lock, and many writers at once.
+
+Proves: records round-trip (any domain name, even with '/' or '..', stays inside the dir);
+readers never see a half-written file while writers replace it; many processes doing
+read-modify-write under the lock lose nothing — neither on different domains nor on one
+shared record; a held lock makes others give up after the timeout with a one-line error; a
+corrupt file is a one-line error that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+
+import pytest
+
+from libvirt_netplug.errors import StateError
+from libvirt_netplug.state import StateDir
+
+CTX = multiprocessing.get_context("fork")
+
+
+def test_round_trip_and_names(tmp_path):
+    s = StateDir(str(tmp_path / "st"))
+    names = ["vm1", "a/b", "..", ".hidden", "ünïcode", "with space", "50%"]
+    for n in names:
+        s.put_domain(n, {"domain": n, "ports": {"vnet0": {"mac": "52:54:00:00:00:01"}}})
+    assert sorted(s.domains()) == sorted(names)
+    for n in names:
+        assert s.domain(n)["domain"] == n
+    assert all(os.path.dirname(os.path.join(s.path, "domains", f)) ==
+               os.path.join(s.path, "domains") for f in os.listdir(os.path.join(s.path,
+                                                                             "domains")))
+    s.put_network("mgd", {"name": "mgd"})
+    assert s.network("mgd") == {"name": "mgd"} and list(s.networks()) == ["mgd"]
+    s.delete_network("mgd")
+    assert s.network("mgd") is None
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: state.StateDir._names drops files starting with '.tmp-' (already excluded by the "
+    ".json suffix test), so a domain named '.tmp-…' is invisible to domains(): network "
+    "stopped/updated never clean its ports. Fix: drop the startswith('.tmp-') filter"))
+def test_domain_named_like_a_temporary_file(tmp_path):
+    s = StateDir(str(tmp_path))
+    s.put_domain(".tmp-vm", {"ports": {"vnet0": {}}})
+    assert list(s.domains()) == [".tmp-vm"]
+
+
+def test_empty_record_deletes_the_file(tmp_path):
+    s = StateDir(str(tmp_path))
+    s.put_domain("vm1", {"ports": {"x": {}}})
+    s.put_domain("vm1", {"ports": {}, "rx": {}})
+    assert s.domains() == {} and s.domain("vm1") == {"domain": "vm1", "ports": {}, "rx": {}}
+
+
+def test_env_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("NETPLUG_STATE_DIR", str(tmp_path / "env"))
+    assert StateDir().path == str(tmp_path / "env")
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path):
+    s = StateDir(str(tmp_path))
+    (tmp_path / "domains").mkdir()
+    (tmp_path / "domains" / "vm1.json").write_text('{"ports": {')
+    with pytest.raises(StateError) as e:
+        s.domain("vm1")
+    assert "vm1.json" in str(e.value) and "netplug reconcile" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_first_time_and_forget(tmp_path):
+    s = StateDir(str(tmp_path))
+    assert s.first_time("unmanaged:mgd:x") and not s.first_time("unmanaged:mgd:x")
+    assert s.first_time("unmanaged:other:x")
+    s.forget("unmanaged:mgd:")
+    assert s.first_time("unmanaged:mgd:x") and not s.first_time("unmanaged:other:x")
+
+
+def _hold_lock(path, ready, release):
+    with StateDir(path).lock():
+        ready.set()
+        release.wait(10)
+
+
+def test_lock_timeout_is_bounded_and_clear(tmp_path):
+    ready, release = CTX.Event(), CTX.Event()
+    holder = CTX.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(StateError, match="lock held by another netplug process"):
+            with StateDir(str(tmp_path)).lock(timeout=0.3):
+                pass
+        assert 0.3 <= time.monotonic() - t0 < 1.0
+    finally:
+        release.set()
+        holder.join(10)
+    with StateDir(str(tmp_path)).lock(timeout=0.3):
+        pass  # released with its holder
+
+
+def _writer(path, name, n, shared):
+    s = StateDir(path)
+    for i in range(n):
+        with s.lock():
+            rec = s.domain(name)
+            rec["ports"][f"vnet{i}"] = {"mac": f"52:54:00:00:{i >> 8:02x}:{i & 255:02x}",
+                                        "pad": "x" * 2000}
+            s.put_domain(name, rec)
+            if shared:
+                common = s.domain("shared")
+                common["ports"][f"{name}-{i}"] = {"n": i}
+                s.put_domain("shared", common)
+
+
+def test_many_writers_lose_nothing(tmp_path):
+    path = str(tmp_path / "state")
+    procs = [CTX.Process(target=_writer, args=(path, f"vm{p}", 25, True)) for p in range(12)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    s = StateDir(path)
+    doms = s.domains()
+    assert sorted(doms) == sorted([f"vm{p}" for p in range(12)] + ["shared"])
+    for p in range(12):
+        assert sorted(doms[f"vm{p}"]["ports"]) == sorted(f"vnet{i}" for i in range(25))
+    assert len(doms["shared"]["ports"]) == 12 * 25
+    assert [f for f in os.listdir(os.path.join(path, "domains")) if f.startswith(".tmp-")] == []
+
+
+def _reader(path, stop, bad):
+    s = StateDir(path)
+    while not stop.is_set():
+        try:
+            rec = s.domain("big")  # no lock: readers must still never see a torn file
+            if rec.get("ports") and len(rec["ports"]) != 200:
+                bad.value += 1
+        except StateError:
+            bad.value += 1
+
+
+def test_writes_are_atomic_for_lockless_readers(tmp_path):
+    path = str(tmp_path)
+    s = StateDir(path)
+    stop, bad = CTX.Event(), CTX.Value("i", 0)
+    readers = [CTX.Process(target=_reader, args=(path, stop, bad)) for _ in range(3)]
+    for r in readers:
+        r.start()
+    try:
+        for i in range(150):
+            s.put_domain("big", {"ports": {f"vnet{j}": {"n": i, "pad": "y" * 500}
+                                           for j in range(200)}})
+    finally:
+        stop.set()
+        for r in readers:
+            r.join(10)
+    assert bad.value == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: state.StateDir._write leaves its .tmp-* file behind when writing fails (e.g. ENOSPC "
+    "on a full /run); every failing hook run leaks another. Fix: unlink tmp in an except path"))
+def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    s = StateDir(str(tmp_path))
+    s.put_domain("vm1", {"ports": {"vnet0": {"n": 1}}})
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full)
+    with pytest.raises(StateError, match="No space left on device"):
+        s.put_domain("vm1", {"ports": {"vnet0": {"n": 2}}})
+    monkeypatch.undo()
+    assert s.domain("vm1")["ports"]["vnet0"]["n"] == 1  # the old record survives
+    assert sorted(os.listdir(tmp_path / "domains")) == ["vm1.json"]
