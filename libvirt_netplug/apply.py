@@ -135,26 +135,26 @@ def record_ports(record: MutableMapping[str, Any], plan: Plan, observed: Observe
             continue
         prev = ports.get(it.tap) or {}
         if prev.get("ifindex") != link.index:
-            prev = {}
+            prev = {}  # a different tap under a reused name: nothing of ours is on it
+        # Only what netplug itself did is recorded, so cleanup never removes an entry or
+        # turns on flags that someone else set: entries this run added, plus the earlier
+        # record; flags as they were before netplug first changed them.
         entries = {tuple(e) for e in prev.get("fdb", [])}
+        flags = bool(prev.get("flags"))
         saved = prev.get("saved")
         for op in result.applied:
             if op.device != it.tap:
                 continue
             if isinstance(op, ReplaceFdb):
                 entries.add((op.mac, op.vlan))
-            elif isinstance(op, SetPortFlags) and saved is None:
+            elif isinstance(op, SetPortFlags) and not flags:
+                flags = True
                 saved = [op.prev_learning if op.prev_learning is not None else True,
                          op.prev_flood if op.prev_flood is not None else True]
-        # An entry already right before we ran belongs to this managed guest: adopt it, so
-        # cleanup removes it even if the state dir was lost in between.
-        for e in observed.entries_on_port(it.bridge or "", it.tap):
-            if e.mac == it.mac and e.state == "static":
-                entries.add((e.mac, e.vlan))
         ports[it.tap] = {
             "domain": it.domain, "interface": it.ctx.interface, "mac": it.mac,
             "bridge": it.bridge, "network": it.network, "ifindex": link.index,
             "fdb": sorted([list(e) for e in entries], key=lambda e: (e[0], e[1] or 0)),
-            "flags": True, "saved": saved or [True, True],
+            "flags": flags, "saved": saved if flags else None,
             "policy": it.policy.to_json(),
         }

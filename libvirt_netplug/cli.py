@@ -126,18 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--state-dir")
     sp.set_defaults(func=cmd_hook)
 
-    for name, register in _EXTRA_COMMANDS:
+    for register in _extra_commands():
         register(sub)
     return p
 
 
-# Subcommands living in their own modules register here: (name, register(subparsers)).
-_EXTRA_COMMANDS: list[tuple[str, Callable]] = []
-
-
-def _load_extra_commands() -> None:
+def _extra_commands() -> list[Callable]:
+    """register(subparsers) of the subcommands that live in their own modules."""
     import importlib
 
+    out = []
     for modname in ("agent", "reconcile", "status", "doctor"):
         try:
             mod = importlib.import_module(f"libvirt_netplug.{modname}")
@@ -145,11 +143,11 @@ def _load_extra_commands() -> None:
             if e.name == f"libvirt_netplug.{modname}":
                 continue
             raise
-        _EXTRA_COMMANDS.append((modname, mod.register))
+        out.append(mod.register)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    _load_extra_commands()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

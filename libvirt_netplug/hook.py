@@ -145,10 +145,20 @@ def _qemu(ctx: _Context, name: str, op: str, data: bytes) -> None:
     from .model import parse_domain
 
     if op in QEMU_CLEANUP:
-        # The XML is only needed to know the domain name, which argv already gives; parsing
-        # it anyway rejects garbage consistently.
-        domain = parse_domain(data)
-        _cleanup_domain(ctx, domain.name)
+        # Cleanup needs only the domain's name. If the XML cannot be read, argv still names
+        # the domain: clean up anyway (a guest that stopped must not leave entries behind)
+        # and report the bad XML.
+        from .errors import InputError
+
+        try:
+            cleanup_name = parse_domain(data).name
+        except InputError as e:
+            if not name:
+                raise
+            ctx.log.error("qemu %s %s: %s; cleaning up by the name in argv", name, op, e)
+            ctx.errors += 1
+            cleanup_name = name
+        _cleanup_domain(ctx, cleanup_name)
         return
     domain = parse_domain(data)
     if domain.name != name:

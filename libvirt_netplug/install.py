@@ -47,11 +47,13 @@ def install(hooks_dir: str = DEFAULT_HOOKS_DIR, python: str | None = None,
     python = python or sys.executable
     if not os.path.isabs(python):
         raise NetplugError(f"interpreter {python!r} is not an absolute path")
-    written = []
-    for kind, path in _paths(hooks_dir).items():
+    paths = _paths(hooks_dir)
+    for path in paths.values():  # refuse before writing anything: no half-done install
         if os.path.exists(path) and not _ours(path):
             raise NetplugError(f"{path} exists and was not installed by netplug; move it away "
                                f"and run install-hooks again")
+    written = []
+    for kind, path in paths.items():
         try:
             os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
             tmp = path + ".tmp"

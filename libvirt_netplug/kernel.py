@@ -35,12 +35,12 @@ class Link:
     bridge_port: bool = False
     learning: bool | None = None
     flood: bool | None = None
-    vlan_filtering: bool | None = None  # bridges only; None: the kernel does not report it
+    vlan_filtering: bool | None = None  # bridges only; None: the kernel cannot do it
     macvlan_mode: str | None = None
     nopromisc: bool = False
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class FdbEntry:
     """One entry of a bridge's forwarding table (NTF_MASTER), or of a device's own lists."""
 
@@ -51,6 +51,13 @@ class FdbEntry:
     sticky: bool = False
     self_entry: bool = False  # NTF_SELF: the device's own uc/mc list, not the bridge table
     extern_learn: bool = False
+
+    def sort_key(self) -> tuple:
+        # Entries with and without a VLAN coexist on a VLAN-filtering bridge.
+        return (self.port, self.mac, -1 if self.vlan is None else self.vlan, self.state)
+
+    def __lt__(self, other: "FdbEntry") -> bool:
+        return self.sort_key() < other.sort_key()
 
 
 class Kernel(Protocol):
@@ -207,7 +214,7 @@ class NetlinkKernel:
             out.append(FdbEntry(names[n.ifindex], n.mac, n.vlan, _fdb_state(n.state, n.flags),
                                 sticky=bool(n.flags & nl.NTF_STICKY),
                                 extern_learn=bool(n.flags & nl.NTF_EXT_LEARNED)))
-        return sorted(out)
+        return sorted(out, key=FdbEntry.sort_key)
 
     def device_addresses(self, dev: str) -> tuple[list[str], list[str]]:
         """A device's own unicast and multicast address lists (as in /proc/net/dev_mcast)."""
@@ -264,7 +271,7 @@ class NetlinkKernel:
 
         A kernel built without CONFIG_BRIDGE_VLAN_FILTERING accepts or rejects the attribute
         depending on version but never turns it on, so we read it back instead of trusting
-        the ACK.
+        the ACK. (Link.vlan_filtering is None on such kernels: check that first.)
         """
         idx = self._index("set vlan_filtering", bridge)
         body = nl.ifinfomsg(nl.AF_UNSPEC, idx) + nl.nla_nested(

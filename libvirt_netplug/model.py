@@ -15,7 +15,7 @@ from .errors import InputError, PolicyError
 from .policy import NS, Policy, policy_from_element, policy_from_mapping
 from .xmlsafe import parse_xml
 
-_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 IFNAMSIZ = 16
 
 
@@ -25,7 +25,7 @@ def normalize_mac(mac: str) -> str:
 
 def check_mac(mac: str | None, where: str, *, unicast: bool = True) -> str:
     """Return the normalized MAC or raise an InputError naming ``where``."""
-    if mac is None or not _MAC_RE.match(mac):
+    if mac is None or not _MAC_RE.fullmatch(mac):
         raise InputError(f"{where}: invalid MAC address {mac!r}; expected six hex octets like "
                          f"52:54:00:12:34:56")
     mac = normalize_mac(mac)

@@ -63,6 +63,7 @@ IFLA_INFO_SLAVE_DATA = 5
 IFLA_BRPORT_LEARNING = 8
 IFLA_BRPORT_UNICAST_FLOOD = 9
 IFLA_BR_VLAN_FILTERING = 7
+IFLA_BR_VLAN_DEFAULT_PVID = 39
 IFLA_MACVLAN_MODE = 1
 IFLA_MACVLAN_FLAGS = 2
 RTEXT_FILTER_SKIP_STATS = 1 << 3
@@ -216,9 +217,17 @@ def parse_link(buf: bytes, start: int, end: int) -> LinkMsg:
                 elif t2 == IFLA_INFO_SLAVE_DATA:
                     slave_data = (a2, b2)
             if info_data and kind == "bridge":
+                # A kernel without CONFIG_BRIDGE_VLAN_FILTERING still reports vlan_filtering (0)
+                # but never the VLAN attributes built under that option, such as the default
+                # PVID: their absence is how we know, without trying to switch it on.
+                has_pvid = False
                 for t3, a3, _b3 in iter_nla(buf, *info_data):
                     if t3 == IFLA_BR_VLAN_FILTERING:
                         vlan_filtering = bool(buf[a3])
+                    elif t3 == IFLA_BR_VLAN_DEFAULT_PVID:
+                        has_pvid = True
+                if not has_pvid:
+                    vlan_filtering = None
             elif info_data and kind in ("macvtap", "macvlan"):
                 for t3, a3, _b3 in iter_nla(buf, *info_data):
                     if t3 == IFLA_MACVLAN_MODE:

@@ -7,9 +7,11 @@ half-applied port.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
+from .errors import NotSupported
 from .kernel import Kernel
 
 
@@ -129,9 +131,11 @@ class SetVlanFiltering(Operation):
         return f"set vlan_filtering {'on' if self.on else 'off'} on bridge {self.device}"
 
     def run(self, kernel: Kernel) -> None:
-        # Support is probed before planning; a False here means the kernel silently ignored
-        # it, which the next observation reports. Nothing to roll back.
-        kernel.set_vlan_filtering(self.device, self.on)
+        # Support is known before planning (Link.vlan_filtering is None without it); if the
+        # kernel still does not take it, say so rather than report success.
+        if not kernel.set_vlan_filtering(self.device, self.on):
+            raise NotSupported(self.what(), self.device, errno.EOPNOTSUPP,
+                               "the bridge did not switch; no bridge VLAN filtering here")
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,10 @@ def plan_ports(intents: Iterable[PortIntent], observed: Observed | None,
     vlan_checked: set[str] = set()
     for it in sorted(intents, key=lambda i: (i.bridge or "", i.tap or "", i.interface.index)):
         if not it.managed:
-            if it.reason.startswith(("libvirt manages", "invalid policy")):
+            if it.reason.startswith("interface has no <target dev>") and \
+                    it.policy.manages_bridge_port:
+                notes.append(Note("warning", f"{it.ctx.describe()}: {it.reason}; not managed"))
+            elif it.reason.startswith(("libvirt manages", "invalid policy")):
                 notes.append(Note("info" if it.reason.startswith("libvirt") else "error",
                                   f"{it.ctx.describe()}: {it.reason}",
                                   once_key=f"unmanaged:{it.network}:{it.reason[:40]}"))

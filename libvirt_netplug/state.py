@@ -91,12 +91,16 @@ class StateDir:
     def _write(self, sub: str, name: str, data: dict[str, Any]) -> None:
         d = os.path.join(self.path, sub)
         self._ensure(d)
+        tmp = None
         try:
             fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
             os.replace(tmp, os.path.join(d, _fname(name)))
         except OSError as e:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             raise StateError(f"state dir {d}: cannot write {name}: {e.strerror}") from None
 
     def _delete(self, sub: str, name: str) -> None:
@@ -108,8 +112,8 @@ class StateDir:
             files = os.listdir(os.path.join(self.path, sub))
         except FileNotFoundError:
             return []
-        return sorted(urllib.parse.unquote(f[:-5]) for f in files
-                      if f.endswith(".json") and not f.startswith(".tmp-"))
+        # Temp files (".tmp-XXXX") have no .json suffix; a domain may be called ".tmp-x".
+        return sorted(urllib.parse.unquote(f[:-5]) for f in files if f.endswith(".json"))
 
     # -- networks ----------------------------------------------------------------------
 

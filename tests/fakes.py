@@ -188,7 +188,8 @@ class FakeKernel:
                     bridge_port=d.master is not None,
                     learning=d.learning if d.master else None,
                     flood=d.flood if d.master else None,
-                    vlan_filtering=d.vlan_filtering if d.kind == "bridge" else None,
+                    vlan_filtering=(d.vlan_filtering if self.vlan_filtering_supported else None)
+                    if d.kind == "bridge" else None,
                     macvlan_mode=d.macvlan_mode)
 
     def written_devices(self) -> set[str]:

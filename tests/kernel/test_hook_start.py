@@ -55,15 +55,13 @@ def test_start_twice_then_stopped_restores_everything(ns, hooks):
     assert oracle.diff(pristine, oracle.snapshot(ns.name)) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: model._MAC_RE accepts a trailing newline (address='…&#10;'); the entry is added for "
-    "the parsed bytes but recorded with the newline, so every start re-plans it and `stopped` "
-    "never deletes it (the FDB entry leaks). Fix: re.fullmatch / \\Z in check_mac"))
 def test_mac_with_trailing_newline_is_rejected_or_cleaned_up(ns, hooks):
     world = HostWorld(ns, ntaps=1).build()
     hooks.write_config(CONFIG)
     pristine = oracle.snapshot(ns.name)
-    xml = world.xml().replace("52:54:00:00:00:01'", "52:54:00:00:00:01&#10;'")
+    xml = world.xml()
+    for q in ("'", '"'):
+        xml = xml.replace(f"52:54:00:00:00:01{q}", f"52:54:00:00:00:01&#10;{q}")
     assert "&#10;" in xml
     hooks.run("qemu", "vm1", "start", xml)
     hooks.run("qemu", "vm1", "stopped", xml, subop="end")

@@ -52,7 +52,6 @@ def test_network_policy_warns_once_and_manages_ports(ns, hooks):
     _check_no_vlan_filtering(ns, "nbr0")
 
 
-@pytest.mark.xfail(strict=True, reason=VLAN_BUG)
 def test_replayed_start_plans_nothing_and_claims_nothing(ns, hooks):
     net = network_xml("mgd", "nbr0", metadata=policy_xml(promiscLinks="no", vlanFiltering="yes"))
     _bridge(ns, "nbr0")
@@ -67,7 +66,6 @@ def test_replayed_start_plans_nothing_and_claims_nothing(ns, hooks):
     assert second.lines == [], second  # a replay has nothing to do
 
 
-@pytest.mark.xfail(strict=True, reason=VLAN_BUG + "; a host bridge (config) never warns")
 def test_config_policy_on_host_bridge_warns_once(ns, hooks):
     _bridge(ns, "br0")
     hooks.write_config('[bridge.br0]\npromiscLinks = "no"\nvlanFiltering = "yes"\n')

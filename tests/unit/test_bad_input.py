@@ -203,9 +203,6 @@ def test_unknown_operation_is_one_warning(run_hook, fake, kind, obj, op):
     assert fake.journal == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: hook._apply_domain logs 'interface has no <target dev>' at DEBUG only, so a managed "
-    "interface without <target> at start is silently left unmanaged"))
 def test_missing_target_at_start_is_one_clear_line(run_hook, fake):
     fake.add_bridge("br0")
     r = run_hook("qemu", "vm1", "start", dom(nic(tap=None)), config=MANAGED)

@@ -50,14 +50,8 @@ def test_plan_accepts_hookdata_as_network_xml():
     assert rc == 0 and managed == ["net0"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: cli._load_extra_commands() appends to the module-level _EXTRA_COMMANDS on every "
-    "main() call, so a second main() in one process dies with argparse's 'conflicting "
-    "subparser: agent'. Fix: build the list locally (or load once)"))
 def test_cli_main_can_run_twice_in_one_process(capsys, monkeypatch):
     from libvirt_netplug import cli
-
-    monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [])  # keep other tests' parser clean
 
     argv = ["plan", "--domain-xml", str(SAMPLES / "domain-prepare.xml")]
     assert cli.main(argv) == 0

@@ -65,9 +65,6 @@ def test_install_never_overwrites_a_foreign_hook(tmp_path, foreign):
     assert (tmp_path / foreign).read_text() == "#!/bin/sh\necho mine\n"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: install.install writes qemu.d's shim before finding the foreign file in network.d, "
-    "so a refused install is half done. Fix: check every path before writing any"))
 def test_refused_install_writes_nothing(tmp_path):
     (tmp_path / SHIMS[1]).parent.mkdir(parents=True)
     (tmp_path / SHIMS[1]).write_text("#!/bin/sh\n")

@@ -24,11 +24,6 @@ def test_errno_translation(err, cls):
     assert "\n" not in str(e)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: FdbEntry is order=True with vlan: int | None, and NetlinkKernel.fdb() returns "
-    "sorted(out); on a VLAN-filtering bridge the kernel lists a port's own address both "
-    "without VLAN and per VLAN, so sorting raises TypeError (None < int) and every hook on "
-    "such a bridge dies with an internal error. Fix: sort with a key mapping None to -1"))
 def test_fdb_entries_with_and_without_vlan_sort():
     entries = [FdbEntry("vnet0", "fe:54:00:00:00:01", 1, "permanent"),
                FdbEntry("vnet0", "fe:54:00:00:00:01", None, "permanent")]

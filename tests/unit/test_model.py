@@ -139,16 +139,10 @@ def test_valid_macs(mac, norm):
     assert check_mac(mac, "here") == norm
 
 
-MAC_NEWLINE_BUG = (
-    "bug: model._MAC_RE uses '$' with re.match, which also matches before a trailing newline, "
-    "so '52:54:00:00:00:01\\n' (XML: address='…&#10;') is accepted and kept with the newline")
-
-
 @pytest.mark.parametrize("mac", [None, "", "52:54:00:00:00", "52:54:00:00:00:01:02",
                                  "52-54-00-00-00-01", "5254.0000.0001", "52:54:00:00:00:1",
                                  "52:54:00:00:00:0g", " 52:54:00:00:00:01",
-                                 pytest.param("52:54:00:00:00:01\n", marks=pytest.mark.xfail(
-                                     strict=True, reason=MAC_NEWLINE_BUG)),
+                                 "52:54:00:00:00:01\n",
                                  "01:00:5e:00:00:01",
                                  "ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00"])
 def test_invalid_macs_name_the_place(mac):

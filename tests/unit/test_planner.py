@@ -234,10 +234,6 @@ def test_vlan_filtering_policy_switches_it_on_where_supported():
     assert r.run(domain(1))[0].ops == ()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: without kernel VLAN filtering the bridge still reports vlan_filtering=False, so "
-    "plan_ports plans SetVlanFiltering on every run and never emits the 'no VLAN filtering' "
-    "warning (plan.py, the `bridge_link.vlan_filtering is False` branch)"))
 def test_vlan_filtering_policy_without_kernel_support_warns_and_settles(world):
     r = Runner(world, config_from_dict({"bridge": {"br0": {"promiscLinks": "no",
                                                            "vlanFiltering": "yes"}}}, "c"))
@@ -251,7 +247,6 @@ ADOPT_BUG = ("bug: apply.record_ports adopts a static entry for the guest MAC th
              "off), so cleanup deletes an entry / changes flags netplug never created")
 
 
-@pytest.mark.xfail(strict=True, reason=ADOPT_BUG)
 def test_cleanup_never_removes_an_entry_netplug_did_not_create(world):
     world.add_static("vnet0", MACS[0])  # put there by an admin (or libvirt) before the guest ran
     pristine = world.snapshot()
@@ -261,7 +256,6 @@ def test_cleanup_never_removes_an_entry_netplug_did_not_create(world):
     assert world.snapshot() == pristine
 
 
-@pytest.mark.xfail(strict=True, reason=ADOPT_BUG)
 def test_cleanup_never_changes_flags_netplug_did_not_change(world):
     world.set_port_flags("vnet0", False, False)  # an admin's choice, before netplug
     world.journal.clear()

@@ -39,10 +39,6 @@ def test_round_trip_and_names(tmp_path):
     assert s.network("mgd") is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: state.StateDir._names drops files starting with '.tmp-' (already excluded by the "
-    ".json suffix test), so a domain named '.tmp-…' is invisible to domains(): network "
-    "stopped/updated never clean its ports. Fix: drop the startswith('.tmp-') filter"))
 def test_domain_named_like_a_temporary_file(tmp_path):
     s = StateDir(str(tmp_path))
     s.put_domain(".tmp-vm", {"ports": {"vnet0": {}}})
@@ -163,9 +159,6 @@ def test_writes_are_atomic_for_lockless_readers(tmp_path):
     assert bad.value == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: state.StateDir._write leaves its .tmp-* file behind when writing fails (e.g. ENOSPC "
-    "on a full /run); every failing hook run leaks another. Fix: unlink tmp in an except path"))
 def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     s = StateDir(str(tmp_path))
     s.put_domain("vm1", {"ports": {"vnet0": {"n": 1}}})
