@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 DEFAULT_URI = "qemu:///system"
 
 
+def load_libvirt():
+    """The libvirt module, with libvirt-python's print-every-error handler silenced."""
+    return _libvirt()
+
+
 def _libvirt():
     try:
         import libvirt
@@ -55,8 +60,12 @@ def read_networks(conn) -> tuple[dict[str, Network], list[str]]:
     for n in objs:
         try:
             net = parse_network(n.XMLDesc(0), lenient=True)
-        except libvirt.libvirtError:
-            continue  # went away while we listed
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
+                continue  # went away while we listed
+            # Anything else (a lost connection) must not look like "no such network": the
+            # planners would retire what netplug manages for it.
+            raise NetplugError(f"network {n.name()}: {e.get_error_message()}") from None
         except NetplugError as e:
             errors.append(str(e))
             continue
@@ -70,35 +79,49 @@ def read_domain(dom) -> Domain:
     return parse_domain(dom.XMLDesc(0))
 
 
-def read_desired(conn, config: Config, names: Iterable[str] | None = None) -> Desired:
-    """Running domains (live XML) and active networks; names limits the domains read."""
+def read_desired(conn, config: Config, names: Iterable[str] | None = None, *,
+                 missing_ok: bool = False) -> Desired:
+    """Running domains (live XML) and active networks; names limits the domains read.
+
+    With ``names`` each domain is looked up by name (one call each, not a listing of every
+    domain). A name libvirt does not know is an error unless ``missing_ok`` (the agent: a
+    transient domain that was destroyed is simply gone, and counts as not running).
+    """
     libvirt = _libvirt()
     networks, errors = read_networks(conn)
-    wanted = set(names) if names is not None else None
     domains: list[Domain] = []
     inactive: set[str] = set()
-    try:
-        objs = conn.listAllDomains(0)
-    except libvirt.libvirtError as e:
-        raise NetplugError(f"cannot list domains: {e.get_error_message()}") from None
+    if names is None:
+        try:
+            objs = conn.listAllDomains(0)
+        except libvirt.libvirtError as e:
+            raise NetplugError(f"cannot list domains: {e.get_error_message()}") from None
+    else:
+        objs = []
+        for name in sorted(set(names)):
+            try:
+                objs.append(conn.lookupByName(name))
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise NetplugError(f"domain {name}: {e.get_error_message()}") from None
+                if missing_ok:
+                    inactive.add(name)
+                else:
+                    errors.append(f"domain {name}: not found")
     for d in objs:
         try:
             name = d.name()
-            if wanted is not None and name not in wanted:
-                continue
             state, _reason = d.state()
             if not is_running(state):
                 inactive.add(name)
                 continue
             domains.append(read_domain(d))
-        except libvirt.libvirtError:
-            continue  # stopped or undefined while we listed
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise NetplugError(f"domain {d.name()}: {e.get_error_message()}") from None
+            inactive.add(d.name())  # undefined while we read: not running
         except NetplugError as e:
             errors.append(str(e))
-    if wanted is not None:
-        missing = wanted - {d.name for d in domains} - inactive
-        for name in sorted(missing):
-            errors.append(f"domain {name}: not found")
     return Desired(tuple(sorted(domains, key=lambda d: d.name)), networks, config,
                    frozenset(inactive), tuple(errors))
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 from .errors import InputError
 from .kernel import Link
-from .model import Domain, Interface, Network, check_mac
+from .model import Domain, Interface, Network
 from .ops import (AddMulticast, AddUnicast, Context, DelMulticast, DelUnicast, Operation,
                   SetAddress, SetAllmulti, SetPromisc)
 from .plan import Note, iface_policy
@@ -23,10 +23,15 @@ from .policy import Config, Policy
 
 @dataclass(frozen=True)
 class RxFilter:
-    """One NIC's entry of QEMU's query-rx-filter reply."""
+    """One NIC's entry of QEMU's query-rx-filter reply.
+
+    Everything in it is chosen by the guest. Entries that cannot be what their table says
+    (a unicast address in the multicast table, a multicast main MAC) are dropped at parse
+    time and listed in ``rejected``, so one bad entry never stops the rest from syncing.
+    """
 
     name: str
-    main_mac: str
+    main_mac: str | None  # None: the guest's main MAC was not a valid unicast address
     promiscuous: bool = False
     multicast: str = "normal"  # normal | none | all
     unicast: str = "normal"
@@ -35,6 +40,7 @@ class RxFilter:
     broadcast_allowed: bool = True
     multicast_table: tuple[str, ...] = ()
     unicast_table: tuple[str, ...] = ()
+    rejected: tuple[str, ...] = ()  # "what: value" for every dropped entry
 
     def summary(self) -> dict[str, Any]:
         return {"main-mac": self.main_mac, "promiscuous": self.promiscuous,
@@ -51,6 +57,35 @@ def _mode(value: Any, where: str) -> str:
     return value
 
 
+_MAC_CHARS = frozenset("0123456789abcdef")
+
+
+def _mac_or_none(value: Any) -> str | None:
+    """A normalized MAC, or None when ``value`` is not six hex octets."""
+    if not isinstance(value, str) or len(value) != 17:
+        return None
+    mac = value.lower()
+    octets = mac.split(":")
+    if len(octets) != 6 or any(len(o) != 2 or not set(o) <= _MAC_CHARS for o in octets):
+        return None
+    return mac
+
+
+def _is_multicast(mac: str) -> bool:
+    return bool(int(mac[:2], 16) & 1)
+
+
+def _table(values: Any, multicast: bool, what: str, rejected: list[str]) -> tuple[str, ...]:
+    out = set()
+    for value in values if isinstance(values, list) else ():
+        mac = _mac_or_none(value)
+        if mac is None or _is_multicast(mac) != multicast or mac == "00:00:00:00:00:00":
+            rejected.append(f"{what}: {value!r}")
+            continue
+        out.add(mac)
+    return tuple(sorted(out))
+
+
 def parse_rx_filter_reply(reply: str | bytes | Mapping[str, Any]) -> dict[str, RxFilter]:
     """Parse a query-rx-filter reply ({"return": [...]}) into filters by NIC name (alias)."""
     if isinstance(reply, (str, bytes)):
@@ -60,25 +95,33 @@ def parse_rx_filter_reply(reply: str | bytes | Mapping[str, Any]) -> dict[str, R
             raise InputError(f"query-rx-filter reply: not JSON: {e}") from None
     if not isinstance(reply, Mapping) or not isinstance(reply.get("return"), list):
         err = reply.get("error") if isinstance(reply, Mapping) else None
-        raise InputError(f"query-rx-filter reply: no 'return' list"
+        raise InputError("query-rx-filter reply: no 'return' list"
                          + (f" (error: {err.get('desc', err)})" if err else ""))
     out = {}
     for entry in reply["return"]:
-        name = entry.get("name")
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+            raise InputError(f"query-rx-filter reply: entry without a NIC name: {entry!r:.80}")
+        name = entry["name"]
         where = f"query-rx-filter NIC {name}"
+        rejected: list[str] = []
+        main = _mac_or_none(entry.get("main-mac"))
+        if main is None or _is_multicast(main) or main == "00:00:00:00:00:00":
+            rejected.append(f"main-mac: {entry.get('main-mac')!r}")
+            main = None
         out[name] = RxFilter(
             name=name,
-            main_mac=check_mac(entry.get("main-mac"), where),
+            main_mac=main,
             promiscuous=bool(entry.get("promiscuous")),
             multicast=_mode(entry.get("multicast", "normal"), where),
             unicast=_mode(entry.get("unicast", "normal"), where),
             multicast_overflow=bool(entry.get("multicast-overflow")),
             unicast_overflow=bool(entry.get("unicast-overflow")),
             broadcast_allowed=bool(entry.get("broadcast-allowed", True)),
-            multicast_table=tuple(sorted({check_mac(m, where, unicast=False)
-                                          for m in entry.get("multicast-table", [])})),
-            unicast_table=tuple(sorted({check_mac(m, where)
-                                        for m in entry.get("unicast-table", [])})),
+            multicast_table=_table(entry.get("multicast-table", []), True, "multicast-table",
+                                   rejected),
+            unicast_table=_table(entry.get("unicast-table", []), False, "unicast-table",
+                                 rejected),
+            rejected=tuple(rejected),
         )
     return out
 
@@ -166,37 +209,56 @@ class RxPlan:
 
 
 def desired_rx(intent: MacvtapIntent, f: RxFilter | None) -> tuple[RxDesired, list[Note]]:
-    """What the macvtap should carry for this guest filter, under this intent's policy."""
+    """What the macvtap should carry for this guest filter, under this intent's policy.
+
+    Tokens: ``multicast`` mirrors the table (beyond maxMulticast: allmulticast instead);
+    ``allmulti`` follows the guest's all-multicast, and QEMU's table overflow (which makes
+    QEMU accept every multicast frame) also means allmulticast under either token; ``mac``
+    follows the guest's main MAC, otherwise the configured MAC stays pinned; ``promisc``
+    follows the guest's promiscuous mode; ``unicast`` puts the guest's unicast table in the
+    lower device's filter (passthrough only; beyond maxUnicast promiscuous mode if
+    ``promisc`` is allowed, else the first maxUnicast addresses).
+    """
     tokens = intent.policy.rx
     ctx = intent.ctx.describe()
     configured = intent.interface.mac
     notes: list[Note] = []
     if f is None:
         return RxDesired(address=configured), notes
+    key = f"{intent.domain}:{intent.dev}"
+    if f.rejected:
+        notes.append(Note("warning", f"{ctx}: ignored invalid entries in the guest's RX "
+                                     f"filter: {', '.join(f.rejected[:4])}"
+                                     f"{' …' if len(f.rejected) > 4 else ''}",
+                          once_key=f"rxrejected:{key}:{'|'.join(f.rejected[:4])}"))
     mc: frozenset[str] = frozenset()
     uc: frozenset[str] = frozenset()
     allmulti = promisc = False
     address = configured
-    if "multicast" in tokens:
+    if "multicast" in tokens and f.multicast != "none":
         cap = intent.policy.multicast_cap
-        if f.multicast_overflow or len(f.multicast_table) > cap:
+        if len(f.multicast_table) > cap:
             allmulti = True
-            notes.append(Note("warning", f"{ctx}: guest multicast table "
-                                         f"{'overflowed' if f.multicast_overflow else 'has ' + str(len(f.multicast_table)) + ' entries'}"
-                                         f" (maxMulticast {cap}); using allmulticast instead",
-                              once_key=f"mccap:{intent.domain}:{intent.dev}:{len(f.multicast_table)}"))
-        elif f.multicast != "none":
+            notes.append(Note("warning", f"{ctx}: guest multicast table has "
+                                         f"{len(f.multicast_table)} entries (maxMulticast "
+                                         f"{cap}); using allmulticast instead",
+                              once_key=f"mccap:{key}"))
+        else:
             mc = frozenset(f.multicast_table)
+    if tokens & {"multicast", "allmulti"} and f.multicast_overflow and f.multicast != "none":
+        allmulti = True
+        notes.append(Note("info", f"{ctx}: guest multicast table overflowed QEMU's filter; "
+                                  f"using allmulticast", once_key=f"mcoverflow:{key}"))
     if "allmulti" in tokens and f.multicast == "all":
         allmulti = True
     if "promisc" in tokens and f.promiscuous:
         promisc = True
     if "mac" in tokens:
-        address = f.main_mac
-    elif configured and f.main_mac != configured:
+        address = f.main_mac or configured
+    elif configured and f.main_mac and f.main_mac != configured:
         notes.append(Note("warning", f"{ctx}: guest changed its MAC to {f.main_mac}; refused "
                                      f"(policy has no 'mac'), {intent.dev} keeps {configured}",
-                          once_key=f"macrefused:{intent.domain}:{intent.dev}:{f.main_mac}"))
+                          once_key=f"macrefused:{key}:{f.main_mac}"))
     if "unicast" in tokens:
         cap = intent.policy.unicast_cap
         if intent.mode not in ("passthrough", "passthru"):
@@ -204,18 +266,38 @@ def desired_rx(intent: MacvtapIntent, f: RxFilter | None) -> tuple[RxDesired, li
                 notes.append(Note("warning", f"{ctx}: guest unicast addresses not synced: "
                                              f"macvtap mode {intent.mode or 'vepa'} cannot "
                                              f"filter unicast (only passthrough can)",
-                                  once_key=f"ucmode:{intent.domain}:{intent.dev}"))
+                                  once_key=f"ucmode:{key}"))
         elif f.unicast_overflow or len(f.unicast_table) > cap or f.unicast == "all":
             if "promisc" in tokens:
                 promisc = True
-            notes.append(Note("warning", f"{ctx}: guest unicast table exceeds maxUnicast {cap}"
-                                         f"{'; using promiscuous mode' if 'promisc' in tokens else '; extra addresses not programmed (allow promisc to fall back)'}",
-                              once_key=f"uccap:{intent.domain}:{intent.dev}:{len(f.unicast_table)}"))
-            if "promisc" not in tokens:
+            else:
                 uc = frozenset(sorted(f.unicast_table)[:cap])
+            why = ("asks for every unicast address" if f.unicast == "all" else
+                   "overflowed QEMU's filter" if f.unicast_overflow else
+                   f"has {len(f.unicast_table)} entries (maxUnicast {cap})")
+            notes.append(Note("warning", f"{ctx}: guest unicast table {why}; "
+                                         + ("using promiscuous mode" if "promisc" in tokens else
+                                            f"programming at most {cap} addresses (allow "
+                                            f"'promisc' to fall back to promiscuous mode)"),
+                              once_key=f"uccap:{key}:{why}"))
         else:
             uc = frozenset(f.unicast_table)
     return RxDesired(address, mc, uc, allmulti, promisc), notes
+
+
+def rx_intent_notes(intents: Iterable[MacvtapIntent]) -> list[Note]:
+    """Notes for macvtaps a policy asks netplug to sync but that it leaves alone."""
+    notes = []
+    for it in intents:
+        if it.managed:
+            continue
+        if it.reason.startswith("trustGuestRxFilters") and it.policy.rx:
+            notes.append(Note("info", f"{it.ctx.describe()}: {it.reason}",
+                              once_key=f"rxtrust:{it.domain}:{it.interface.mac}"))
+        elif it.reason.startswith("invalid policy"):
+            notes.append(Note("error", f"{it.ctx.describe()}: {it.reason}",
+                              once_key=f"rxpolicy:{it.network}:{it.reason[:60]}"))
+    return notes
 
 
 def desired_from_record(intent: MacvtapIntent, record: Mapping[str, Any]) -> RxDesired:

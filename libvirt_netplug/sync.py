@@ -21,7 +21,7 @@ from .ops import Operation
 from .plan import Note, Observed, PortIntent, bridge_intents, plan_cleanup, plan_ports
 from .policy import Config
 from .rxfilter import (MacvtapIntent, RxFilter, desired_from_record, macvtap_intents, plan_rx,
-                       plan_rx_cleanup)
+                       plan_rx_cleanup, rx_intent_notes)
 from .state import StateDir
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,11 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
     with state.lock():
         if not dry_run and only_set is None:
             _refresh_networks(state, desired.networks)
-        records = state.domains()
+        # Only the selected domains' records: an event for one guest reads one file, not
+        # one per domain on the host.
+        records = state.domains() if only_set is None else {
+            n: rec for n in sorted(only_set)
+            if (rec := state.domain(n)).get("ports") or rec.get("rx")}
         running = {d.name: d for d in desired.domains}
         selected = [d for d in desired.domains if only_set is None or d.name in only_set]
         retired = [n for n in records if n not in running and
@@ -191,6 +195,7 @@ def _plan_domain_rx(domain: Domain, ds: DomainSync, records: Mapping[str, Any],
                     ) -> dict[str, dict[str, Any]]:
     """RX-filter operations for one domain's managed macvtaps; returns the new records."""
     managed = [i for i in ds.macvtap_intents if i.managed]
+    ds.notes += rx_intent_notes(ds.macvtap_intents)
     new_records: dict[str, dict[str, Any]] = {}
     filters = None
     if managed and rx_source is not None:
