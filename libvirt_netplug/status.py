@@ -1,0 +1,307 @@
+"""``netplug status``: what netplug manages, per domain and interface, and whether it holds.
+
+A read-only view built on the reconcile engine in dry-run mode (sync.sync): the same intents,
+the same bulk kernel read, the same planner. An interface "drifts" exactly when ``netplug
+reconcile`` would change something for it. Output: an aligned table (like ``virsh
+domiflist``) or JSON (docs/reconcile.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, TextIO
+
+from .model import Interface
+from .plan import Observed, PortIntent
+from .reconcile import (Inputs, JSON_VERSION, add_common_arguments, observe_dry, read_inputs,
+                        setup_logging)
+from .rxfilter import MacvtapIntent
+from .state import StateDir
+from .sync import DomainSync, SyncReport
+
+# Reasons that just mean "no netplug policy here": not worth a footnote.
+_QUIET_REASONS = ("policy does not say promiscLinks='no'", "policy has no rxFilters")
+
+
+@dataclass
+class Row:
+    domain: str
+    running: bool
+    interface: str  # alias or #index
+    type: str
+    mac: str | None
+    network: str | None
+    bridge: str | None
+    lower: str | None
+    mode: str | None  # macvtap mode
+    device: str | None  # tap or macvtap
+    managed: bool
+    reason: str
+    policy: dict[str, Any]
+    learning: bool | None = None
+    flood: bool | None = None
+    fdb: bool | None = None  # a static entry for the guest's MAC on its tap
+    rx: dict[str, Any] | None = None
+    state: str = "-"  # ok | drift | error | unmanaged | retired
+    drift: tuple[str, ...] = ()  # what reconcile would do for this interface
+    problems: tuple[str, ...] = ()  # error notes for this interface
+    last_change: float | None = None  # mtime of netplug's record for this domain
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["drift"] = list(self.drift)
+        d["problems"] = list(self.problems)
+        d["last_change"] = _iso(self.last_change)
+        return d
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _record_mtime(state: StateDir, name: str) -> float | None:
+    from urllib.parse import quote
+
+    try:
+        return os.stat(os.path.join(state.path, "domains", quote(name, safe="") + ".json")
+                       ).st_mtime
+    except OSError:
+        return None
+
+
+def _label(iface: Interface) -> str:
+    return iface.alias or f"#{iface.index}"
+
+
+def _problems_for(ds: DomainSync, label: str, mac: str | None) -> tuple[str, ...]:
+    # Notes name the interface through Context.describe(): "domain D, interface I, mac M…".
+    key = f"interface {label}, "
+    return tuple(n.message for n in ds.notes if n.level == "error" and key in n.message
+                 and (mac is None or mac in n.message))
+
+
+def _bridge_row(ds: DomainSync, it: PortIntent, observed: Observed | None,
+                records: dict[str, Any], mtime: float | None) -> Row:
+    label = _label(it.interface)
+    row = Row(ds.name, True, label, it.interface.type, it.mac, it.network, it.bridge, None,
+              None, it.tap, it.managed, it.reason, it.policy.to_json())
+    link = observed.links.get(it.tap) if observed and it.tap else None
+    if link is not None and link.master == it.bridge:
+        row.learning, row.flood = link.learning, link.flood
+        if it.mac and it.bridge:
+            row.fdb = any(e.port == it.tap and e.state == "static"
+                          for e in observed.entries_for_mac(it.bridge, it.mac))
+    ops = [op for op in ds.ops if op.device == it.tap] if it.tap else []
+    row.drift = tuple(op.what() for op in ops)
+    row.problems = _problems_for(ds, label, it.mac)
+    if it.managed:
+        row.state = "error" if row.problems else "drift" if ops else "ok"
+        row.last_change = mtime if it.tap in records.get("ports", {}) else None
+    else:
+        row.state = "unmanaged"
+    return row
+
+
+def _macvtap_row(ds: DomainSync, it: MacvtapIntent, records: dict[str, Any],
+                 mtime: float | None) -> Row:
+    label = _label(it.interface)
+    row = Row(ds.name, True, label, it.interface.type, it.interface.mac, it.network, None,
+              it.lower, it.mode, it.dev, it.managed, it.reason, it.policy.to_json())
+    ops = [op for op in ds.ops if op.device == it.dev] if it.dev else []
+    row.drift = tuple(op.what() for op in ops)
+    row.problems = _problems_for(ds, label, it.interface.mac)
+    rec = records.get("rx", {}).get(it.dev or "")
+    if it.managed:
+        if rec is None:
+            sync_state = "drift" if ops else "unknown"
+        else:
+            sync_state = "drift" if ops else "in-sync"
+        row.rx = {"state": sync_state,
+                  "multicast": len(rec.get("mc", [])) if rec else 0,
+                  "unicast": len(rec.get("uc", [])) if rec else 0,
+                  "allmulti": bool(rec.get("allmulti")) if rec else False,
+                  "promisc": bool(rec.get("promisc")) if rec else False,
+                  "guest": rec.get("guest") if rec else None}
+        row.state = "error" if row.problems else "drift" if ops else \
+            "ok" if rec is not None else "unknown"
+        row.last_change = mtime if rec is not None else None
+    else:
+        row.state = "unmanaged"
+    return row
+
+
+def _other_row(ds: DomainSync, iface: Interface) -> Row:
+    return Row(ds.name, True, _label(iface), iface.type, iface.mac, iface.source_network,
+               iface.source_bridge, iface.source_dev, None, iface.target, False,
+               "netplug does not manage this interface type", {}, state="unmanaged")
+
+
+def _retired_rows(ds: DomainSync, record: dict[str, Any], mtime: float | None) -> list[Row]:
+    """Records of a domain that no longer runs: reconcile will undo them."""
+    rows = []
+    for tap, r in sorted(record.get("ports", {}).items()):
+        rows.append(Row(ds.name, False, r.get("interface") or "?", "bridge" if not
+                        r.get("network") else "network", r.get("mac"), r.get("network"),
+                        r.get("bridge"), None, None, tap, True, "domain no longer runs",
+                        r.get("policy") or {}, state="retired",
+                        drift=tuple(op.what() for op in ds.ops if op.device == tap),
+                        last_change=mtime))
+    for dev, r in sorted(record.get("rx", {}).items()):
+        rows.append(Row(ds.name, False, r.get("interface") or "?", "direct", r.get("mac"),
+                        r.get("network"), None, r.get("lower"), None, dev, True,
+                        "domain no longer runs", {}, state="retired",
+                        drift=tuple(op.what() for op in ds.ops if op.device == dev),
+                        last_change=mtime))
+    return rows
+
+
+def build_rows(report: SyncReport, inputs: Inputs, state: StateDir) -> list[Row]:
+    domains = {d.name: d for d in inputs.desired.domains}
+    records = state.domains()
+    rows: list[Row] = []
+    for ds in report.domains:
+        rec = records.get(ds.name, {})
+        mtime = _record_mtime(state, ds.name) if rec else None
+        if not ds.running:
+            rows += _retired_rows(ds, rec, mtime)
+            continue
+        by_index: dict[int, Row] = {}
+        for it in ds.bridge_intents:
+            by_index[it.interface.index] = _bridge_row(ds, it, report.observed, rec, mtime)
+        for it in ds.macvtap_intents:
+            by_index[it.interface.index] = _macvtap_row(ds, it, rec, mtime)
+        for iface in domains[ds.name].interfaces:
+            rows.append(by_index.get(iface.index) or _other_row(ds, iface))
+    return rows
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def _yn(v: bool | None, yes: str = "on", no: str = "off") -> str:
+    return "-" if v is None else yes if v else no
+
+
+def _policy_cell(r: Row) -> str:
+    if not r.managed:
+        return "-"
+    if r.rx is not None or (r.type == "direct" and r.policy.get("rxFilters")):
+        return "rx=" + (r.policy.get("rxFilters") or "").replace(" ", ",")
+    parts = ["promiscLinks=no"]
+    if r.policy.get("sticky") == "yes":
+        parts.append("sticky")
+    if r.policy.get("vlanFiltering") == "yes":
+        parts.append("vlan")
+    return ",".join(parts)
+
+
+def _rx_cell(r: Row) -> str:
+    if r.rx is None:
+        return "-"
+    s = r.rx["state"]
+    if r.rx["multicast"] or r.rx["unicast"]:
+        s += f" {r.rx['multicast']}mc"
+        if r.rx["unicast"]:
+            s += f"/{r.rx['unicast']}uc"
+    return s
+
+
+def _time_cell(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+COLUMNS = ("DOMAIN", "INTERFACE", "TYPE", "SOURCE", "DEVICE", "MAC", "POLICY", "LEARNING",
+           "FLOOD", "FDB", "RX-FILTER", "STATE", "LAST CHANGE")
+
+
+def table(rows: Iterable[Row]) -> list[str]:
+    cells = [COLUMNS]
+    for r in rows:
+        cells.append((r.domain, r.interface, r.type, r.bridge or r.lower or r.network or "-",
+                      r.device or "-", r.mac or "-", _policy_cell(r), _yn(r.learning),
+                      _yn(r.flood), _yn(r.fdb, "yes", "no"), _rx_cell(r), r.state,
+                      _time_cell(r.last_change)))
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+
+
+def footnotes(rows: Iterable[Row], report: SyncReport) -> list[str]:
+    out = []
+    for r in rows:
+        where = f"{r.domain} {r.interface}"
+        for p in r.problems:
+            out.append(f"error: {p}")
+        if r.state == "drift" or r.state == "retired" and r.drift:
+            out.append(f"drift: {where}: {'; '.join(r.drift)} (run 'netplug reconcile')")
+        if not r.managed and r.reason not in _QUIET_REASONS and r.type in (
+                "bridge", "network", "direct"):
+            out.append(f"not managed: {where}: {r.reason}")
+    seen = set(out)
+    for n in report.notes:
+        line = f"{n.level}: {n.message}"
+        if line not in seen:
+            out.append(line)
+            seen.add(line)
+    return out
+
+
+def document(rows: list[Row], report: SyncReport, inputs: Inputs) -> dict[str, Any]:
+    return {"version": JSON_VERSION, "command": "status", "connect": inputs.uri,
+            "interfaces": [r.to_json() for r in rows],
+            "notes": [n.to_json() for n in report.notes],
+            "errors": list(inputs.desired.errors)}
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    sp = subparsers.add_parser(
+        "status", help="show what netplug manages, per domain and interface",
+        description="A table per domain and interface: type, bridge or lower device, tap or "
+                    "macvtap, policy, learning, flood, FDB entry present, RX-filter sync "
+                    "state, last change. Read-only.")
+    add_common_arguments(sp)
+    sp.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_status)
+
+
+def run(args: argparse.Namespace, out: TextIO, *,
+        kernel_factory: Callable[[], Any] | None = None) -> int:
+    state = StateDir(args.state_dir)
+    inputs = read_inputs(args.connect, args.config, guest_query=args.guest_query)
+    if kernel_factory is None:
+        report = observe_dry(inputs, state)
+    else:
+        with kernel_factory() as k:
+            report = observe_dry(inputs, state, k)
+    rows = build_rows(report, inputs, state)
+    if args.json:
+        json.dump(document(rows, report, inputs), out, indent=2)
+        out.write("\n")
+        return 0
+    if rows:
+        for line in table(rows):
+            out.write(line + "\n")
+    else:
+        out.write("no running domains with interfaces, and no netplug records\n")
+    for line in footnotes(rows, report):
+        out.write(line + "\n")
+    for e in inputs.desired.errors:
+        out.write(f"error: {e}\n")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    setup_logging("status", getattr(args, "verbose", False))
+    return run(args, sys.stdout)
