@@ -101,6 +101,7 @@ class NetlinkKernel:
     def __init__(self, timeout: float = 2.0):
         self._nl = nl.Netlink(timeout)
         self._ioctl_sock: socket.socket | None = None
+        self._names: dict[int, str] = {}  # ifindex -> name, from the last links()
 
     def close(self) -> None:
         self._nl.close()
@@ -161,6 +162,7 @@ class NetlinkKernel:
     def links(self) -> dict[str, Link]:
         msgs = self._link_dump()
         names = {m.index: m.name for m in msgs}
+        self._names = names  # fdb() names ports from it instead of one ioctl per port
         return {m.name: self._to_link(m, names) for m in msgs}
 
     def link(self, name: str) -> Link:
@@ -194,7 +196,7 @@ class NetlinkKernel:
             msgs = self._nl.dump(nl.RTM_GETNEIGH, body)
         except nl.NetlinkError as e:
             raise kernel_error("read fdb", port or bridge, e.errno) from e
-        names: dict[int, str] = {}
+        names: dict[int, str] = dict(self._names)
         out = []
         for t, buf, a, b in msgs:
             if t != nl.RTM_NEWNEIGH:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any, Iterable, Mapping
 
 from .errors import NetplugError
@@ -87,13 +88,24 @@ def read_desired(conn, config: Config, names: Iterable[str] | None = None, *,
     domain). A name libvirt does not know is an error unless ``missing_ok`` (the agent: a
     transient domain that was destroyed is simply gone, and counts as not running).
     """
+    read_at = time.time()
     libvirt = _libvirt()
     networks, errors = read_networks(conn)
     domains: list[Domain] = []
     inactive: set[str] = set()
+    known_running: set[str] = set()
     if names is None:
+        # libvirtd filters by state, so a running domain costs one round trip (its XML), not
+        # two: over a libvirtd socket virDomainGetState is an RPC per domain (~0.15 ms here,
+        # ~0.3 s of a 2,000-domain in-sync reconcile). Names are local to the objects.
         try:
-            objs = conn.listAllDomains(0)
+            objs = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_RUNNING)
+            known_running = {d.name() for d in objs}
+            inactive |= {d.name() for d in conn.listAllDomains(
+                libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED |
+                libvirt.VIR_CONNECT_LIST_DOMAINS_SHUTOFF)}
+            # Other states (blocked counts as running; crashed, pmsuspended... do not).
+            objs += conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_OTHER)
         except libvirt.libvirtError as e:
             raise NetplugError(f"cannot list domains: {e.get_error_message()}") from None
     else:
@@ -111,8 +123,7 @@ def read_desired(conn, config: Config, names: Iterable[str] | None = None, *,
     for d in objs:
         try:
             name = d.name()
-            state, _reason = d.state()
-            if not is_running(state):
+            if name not in known_running and not is_running(d.state()[0]):
                 inactive.add(name)
                 continue
             domains.append(read_domain(d))
@@ -123,7 +134,7 @@ def read_desired(conn, config: Config, names: Iterable[str] | None = None, *,
         except NetplugError as e:
             errors.append(str(e))
     return Desired(tuple(sorted(domains, key=lambda d: d.name)), networks, config,
-                   frozenset(inactive), tuple(errors))
+                   frozenset(inactive), tuple(errors), read_at)
 
 
 def query_rx_filters(dom, nic: str | None = None) -> dict[str, RxFilter]:

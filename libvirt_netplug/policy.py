@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any, Mapping
 
 from .errors import PolicyError
@@ -42,8 +43,12 @@ class Policy:
 
     def over(self, base: "Policy") -> "Policy":
         """This policy layered over ``base``: our set fields win."""
-        merged = {f.name: getattr(self, f.name) if getattr(self, f.name) is not None
-                  else getattr(base, f.name) for f in fields(self) if f.name != "sources"}
+        if base.is_empty() and not base.sources:
+            return self
+        if self.is_empty() and not self.sources:
+            return base
+        merged = {name: getattr(self, name) if getattr(self, name) is not None
+                  else getattr(base, name) for name in _FIELDS}
         return Policy(**merged, sources=base.sources + self.sources)
 
     @property
@@ -63,7 +68,12 @@ class Policy:
         return self.max_unicast if self.max_unicast is not None else DEFAULT_MAX_UNICAST
 
     def is_empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in fields(self) if f.name != "sources")
+        return self._empty
+
+    @cached_property
+    def _empty(self) -> bool:
+        # Cached: policies are merged a few times per interface, for thousands of interfaces.
+        return all(getattr(self, name) is None for name in _FIELDS)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -78,6 +88,8 @@ class Policy:
             out[name] = value
         return out
 
+
+_FIELDS = tuple(f.name for f in fields(Policy) if f.name != "sources")
 
 # XML attribute / TOML key → Policy field
 _ATTRS = {

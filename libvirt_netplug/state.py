@@ -134,6 +134,15 @@ class StateDir:
     def domain(self, name: str) -> dict[str, Any]:
         return self._read("domains", name) or {"domain": name, "ports": {}, "rx": {}}
 
+    def domain_changed_since(self, name: str, when: float | None) -> bool:
+        """Whether the record of ``name`` was written after ``when`` (a time.time())."""
+        if when is None:
+            return False
+        try:
+            return os.stat(os.path.join(self.path, "domains", _fname(name))).st_mtime > when
+        except FileNotFoundError:
+            return False
+
     def domains(self) -> dict[str, dict[str, Any]]:
         return {n: rec for n in self._names("domains") if (rec := self._read("domains", n))}
 
