@@ -14,7 +14,7 @@ from typing import Any, Iterable, MutableMapping
 from .errors import DeviceGone, NetplugError
 from .kernel import Kernel, Link
 from .ops import Operation, SetPortFlags, ReplaceFdb
-from .plan import Observed, Plan, PortIntent
+from .plan import Observed, Plan
 
 log = logging.getLogger(__name__)
 

@@ -243,7 +243,7 @@ def _replug(ctx: _Context, port) -> None:
     """port-created for a port netplug managed before (network driver restart, re-plug)."""
     from .kernel import NetlinkKernel
     from .apply import apply, observe, record_ports
-    from .model import Domain, Interface
+    from .model import Interface
     from .plan import PortIntent, plan_ports
     from .policy import policy_from_mapping
 

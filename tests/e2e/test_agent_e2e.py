@@ -15,7 +15,6 @@ link show`, `bridge -j fdb show`); the agent's log is only used to see *why*.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,20 +37,6 @@ pytestmark = pytest.mark.e2e
 
 M0, M1, M2, M3, M4 = (f"52:54:00:4e:00:0{i}" for i in range(5))
 GROUP = "01:00:5e:01:02:03"
-TOOLS = ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "ip", "nsenter", "unshare")
-
-
-def _unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "the libvirt lab needs root"
-    missing = [t for t in TOOLS if shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") is None]
-    if missing:
-        return "lab tools missing: " + ", ".join(missing) + " (run scripts/setup-host.sh)"
-    import importlib.util
-
-    if importlib.util.find_spec("libvirt") is None:
-        return "libvirt-python is not installed (pip install 'libvirt-netplug[agent]')"
-    return None
 
 
 def hexmac(mac: str) -> str:
@@ -123,12 +108,7 @@ def metadata() -> str:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory):
-    reason = _unavailable()
-    if reason:
-        if os.environ.get("NETPLUG_REQUIRE_ALL") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+def rig(tmp_path_factory, lab_required):
     tmp = tmp_path_factory.mktemp("agent-e2e")
     lab = Lab()  # a fresh random name: never collides with another run's lab
     lab.start()

@@ -10,8 +10,6 @@ own outcome through iproute2's JSON (never netplug's own view).
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,8 +25,6 @@ from tests.lab.netplug import frames_reaching, install_netplug, port_table  # no
 
 pytestmark = pytest.mark.e2e
 
-TOOLS = ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "ip", "bridge", "nsenter",
-         "unshare")
 NETWORK = """<network>
   <name>mgd</name>
   <metadata>
@@ -40,22 +36,8 @@ CONFIG = '[bridge.br0]\npromiscLinks = "no"\n'
 UNKNOWN = "02:de:ad:be:ef:01"
 
 
-def _unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "the libvirt lab needs root"
-    missing = [t for t in TOOLS if shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") is None]
-    if missing:
-        return "lab tools missing: " + ", ".join(missing) + " (run scripts/setup-host.sh)"
-    return None
-
-
 @pytest.fixture(scope="module")
-def world():
-    reason = _unavailable()
-    if reason:
-        if os.environ.get("NETPLUG_REQUIRE_ALL") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+def world(lab_required):
     with Lab() as lab:
         for br in ("br0", "ubr0"):
             lab.add_host_bridge(br)

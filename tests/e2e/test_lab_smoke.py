@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,28 +18,9 @@ from tests.lab.lab import NETNS_DIR, _alive, _pids_in_netns, _proc_starttime  # 
 
 pytestmark = pytest.mark.e2e
 
-TOOLS = ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "ip", "nsenter", "unshare")
 
 
-def _unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "the libvirt lab needs root"
-    missing = [t for t in TOOLS if shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") is None]
-    if missing:
-        return "lab tools missing: " + ", ".join(missing) + " (run scripts/setup-host.sh)"
-    return None
-
-
-@pytest.fixture
-def lab_requirements():
-    reason = _unavailable()
-    if reason:
-        if os.environ.get("NETPLUG_REQUIRE_ALL") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-
-
-def test_lab_guest_joins_multicast_group_and_teardown_leaves_nothing(lab_requirements):
+def test_lab_guest_joins_multicast_group_and_teardown_leaves_nothing(lab_required):
     t0 = time.monotonic()
     lab = Lab()
     with lab:

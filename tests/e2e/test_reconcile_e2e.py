@@ -15,8 +15,6 @@ Every outcome is read from the lab's kernel by the oracle.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,20 +35,6 @@ pytestmark = pytest.mark.e2e
 
 M0, M1, M2, M3 = (f"52:54:00:5e:00:0{i}" for i in range(4))
 GROUP = "01:00:5e:05:06:07"
-TOOLS = ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "ip", "nsenter", "unshare")
-
-
-def _unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "the libvirt lab needs root"
-    missing = [t for t in TOOLS if shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") is None]
-    if missing:
-        return "lab tools missing: " + ", ".join(missing) + " (run scripts/setup-host.sh)"
-    try:
-        import libvirt  # noqa: F401
-    except ImportError:
-        return "libvirt-python is not installed (pip install 'libvirt-netplug[agent]')"
-    return None
 
 
 NETWORK = (f"<network><name>mgd</name><bridge name='nbr0'/><metadata>"
@@ -82,13 +66,8 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory):
-    reason = _unavailable()
-    if reason:
-        if os.environ.get("NETPLUG_REQUIRE_ALL") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    lab = Lab("reconcile-e2e")
+def rig(tmp_path_factory, lab_required):
+    lab = Lab()  # a fresh random name: two runs never share a lab
     lab.start()
     try:
         lab.add_host_bridge("br0")

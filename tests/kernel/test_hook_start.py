@@ -8,7 +8,6 @@ a replay changes nothing; stopped/release put back exactly what was there before
 
 from __future__ import annotations
 
-import pytest
 
 import oracle
 from fakes import tap_mac

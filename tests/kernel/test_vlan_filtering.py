@@ -6,7 +6,6 @@ exactly one clear warning, and netplug carries on managing the ports; a replay i
 
 from __future__ import annotations
 
-import pytest
 
 import oracle
 from fakes import bridge_iface, domain_xml, guest_mac, hookdata, network_iface, network_xml, \

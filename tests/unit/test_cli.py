@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pytest
 
 from conftest import GOLDEN, SAMPLES
 from netns import netplug_cli

@@ -116,8 +116,8 @@ def test_domain_metadata_policies():
 
 
 def test_unknown_element_in_netplug_policy_is_an_error():
-    meta = (f'<netplug:policy xmlns:netplug="urn:x-libvirt-netplug:1">'
-            f'<netplug:iface mac="52:54:00:00:00:01"/></netplug:policy>')
+    meta = ('<netplug:policy xmlns:netplug="urn:x-libvirt-netplug:1">'
+            '<netplug:iface mac="52:54:00:00:00:01"/></netplug:policy>')
     with pytest.raises(PolicyError, match="unknown child element <iface>"):
         parse_domain(domain_xml("vm1", [], metadata=meta))
 
