@@ -175,6 +175,33 @@ class TestSaveRestoreMigrate:
             assert r.returncode == 0 and r.stdout == "", (op, r.stdout[:200])
 
 
+class TestLiveMigration:
+    def test_live_migration_destination_managed_source_clean(self, world):
+        """A real live migration to a second lab with netplug installed, and back."""
+        lab, np = world["lab"], world["np"]
+        macs = {br: mac for br, (_t, mac) in _taps(lab.guest("vm1")).items()}
+        with Lab() as b:
+            for br in ("br0", "ubr0"):
+                b.add_host_bridge(br)
+            np_b = install_netplug(b, CONFIG)
+            b.define_network(NETWORK)
+            for src, dst in ((lab, b), (b, lab)):
+                r = src.virsh("migrate", "--live", "--p2p", "--tunnelled", "--persistent",
+                              "--undefinesource", "vm1", dst.host_uri, timeout=300)
+                assert r.returncode == 0, r.stderr
+                guest = dst.guest("vm1")
+                taps = _taps(guest)
+                _wait_managed(dst, *taps["nbr0"], "nbr0")
+                _wait_managed(dst, *taps["br0"], "br0")
+                _assert_untouched(dst, taps["ubr0"][0], "ubr0")
+                # the source host keeps no entry and no record of the guest that left
+                left = src.run("bridge", "-j", "fdb", "show").stdout
+                assert not any(m in left for m in macs.values())
+                assert (np if src is lab else np_b).domain_record("vm1") is None
+            rc, out = lab.guest("vm1").sh("echo back", timeout=60)
+            assert rc == 0 and "back" in out
+
+
 class TestStopCleanup:
     def test_destroy_leaves_nothing_behind(self, world):
         lab, np = world["lab"], world["np"]
