@@ -26,7 +26,6 @@ Run as root:  .venv/bin/python bench/hook_latency.py [--runs 30] [--json FILE|-]
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import shutil
@@ -37,12 +36,13 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from netns import netplug_cli, setns, venv_python  # noqa: E402  (the tests' helpers)
 NICS = 4
 TARGET_NOOP_RATIO = 2.0
 TARGET_APPLY_MS = 250.0
 HOOK_ENV = {"HOME": "/root", "LC_ALL": "C",
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "PWD": "/"}
-CLONE_NEWNET = 0x40000000
 
 
 def guest_mac(i: int) -> str:
@@ -76,27 +76,6 @@ def sh_script() -> str:
 
 def run(argv, **kw):
     return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)
-
-
-def venv_python() -> str:
-    cand = os.path.join(REPO, ".venv", "bin", "python")
-    return cand if os.path.exists(cand) else sys.executable
-
-
-def netplug_cli() -> list[str]:
-    script = os.path.join(os.path.dirname(venv_python()), "netplug")
-    return [script] if os.path.exists(script) else [venv_python(), "-m", "libvirt_netplug.cli"]
-
-
-def enter_netns(name: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns {name}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 def build(ns: str) -> None:
@@ -187,7 +166,7 @@ def main(argv=None) -> int:
     tmp = tempfile.mkdtemp(prefix="netplug-bench-")
     run(["ip", "netns", "add", ns])
     try:
-        enter_netns(ns)
+        setns(ns)
         build(ns)
         hooks, config, state = (os.path.join(tmp, x) for x in ("hooks", "config.toml", "state"))
         with open(config, "w") as f:

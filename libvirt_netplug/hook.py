@@ -224,19 +224,15 @@ def _network(ctx: _Context, name: str, op: str, data: bytes) -> None:
 
 
 def _vlan_filtering(ctx: _Context, bridge: str) -> None:
+    from .apply import apply
     from .kernel import NetlinkKernel
+    from .plan import plan_vlan_filtering
 
     with NetlinkKernel() as kernel:
-        if kernel.link(bridge).vlan_filtering is None or not kernel.set_vlan_filtering(
-                bridge, True):
-            if ctx.state.first_time(f"novlanfilter:{bridge}"):
-                ctx.log.warning(
-                    "bridge %s: this kernel has no bridge VLAN filtering "
-                    "(CONFIG_BRIDGE_VLAN_FILTERING); continuing without it, so the uplink stays "
-                    "promiscuous while flooding to guests is off", bridge)
-        else:
-            ctx.log.info("bridge %s: vlan_filtering on (untagged traffic uses the default "
-                         "PVID)", bridge)
+        ops, notes = plan_vlan_filtering(bridge, kernel.link(bridge))
+        for n in notes:
+            ctx.note(n)
+        ctx.errors += len(apply(ops, kernel, ctx.log).errors)
 
 
 def _replug(ctx: _Context, port) -> None:

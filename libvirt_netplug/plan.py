@@ -170,6 +170,21 @@ def _fdb_vlan(bridge: Link | None, iface: Interface) -> int | None:
     return None
 
 
+def plan_vlan_filtering(bridge: str, link: Link | None, observed: bool = True
+                        ) -> tuple[list[Operation], list[Note]]:
+    """Switch vlan_filtering on where the kernel can (what lets it drop the uplink's
+    promiscuity); where it cannot, say so once and carry on without it."""
+    if not observed or (link is not None and link.vlan_filtering is False):
+        return [SetVlanFiltering(Context(bridge=bridge), bridge, True)], []
+    if link is not None and link.vlan_filtering is None:
+        return [], [Note("warning",
+                         f"bridge {bridge}: this kernel has no bridge VLAN filtering "
+                         f"(CONFIG_BRIDGE_VLAN_FILTERING); continuing without it, so the uplink "
+                         f"stays promiscuous while flooding to guests is off",
+                         once_key=f"novlanfilter:{bridge}")]
+    return [], []
+
+
 def plan_ports(intents: Iterable[PortIntent], observed: Observed | None,
                records: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
     """Operations that make every managed port right, and retire records no intent wants.
@@ -201,16 +216,9 @@ def plan_ports(intents: Iterable[PortIntent], observed: Observed | None,
         bridge_link = observed.links.get(it.bridge) if observed else None
         if it.policy.vlan_filtering and it.bridge not in vlan_checked:
             vlan_checked.add(it.bridge)
-            if observed is None or (bridge_link is not None and bridge_link.vlan_filtering is
-                                    False):
-                bridge_ops.append(SetVlanFiltering(Context(bridge=it.bridge), it.bridge, True))
-            elif bridge_link is not None and bridge_link.vlan_filtering is None:
-                notes.append(Note(
-                    "warning",
-                    f"bridge {it.bridge}: this kernel has no bridge VLAN filtering "
-                    f"(CONFIG_BRIDGE_VLAN_FILTERING); continuing without it, so the uplink "
-                    f"stays promiscuous while flooding to guests is off",
-                    once_key=f"novlanfilter:{it.bridge}"))
+            vops, vnotes = plan_vlan_filtering(it.bridge, bridge_link, observed is not None)
+            bridge_ops += vops
+            notes += vnotes
         if observed is None:
             ops.append(ReplaceFdb(ctx, it.tap, it.mac, None, bool(it.policy.sticky)))
             ops.append(SetPortFlags(ctx, it.tap, False, False))

@@ -148,7 +148,7 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
             report.elapsed = time.monotonic() - t0
             return report
         for ds in report.domains:
-            if ds.ops:
+            if ds.ops and logger.isEnabledFor(logging.INFO):
                 logger.info("domain %s: %s", ds.name, "; ".join(o.what() for o in ds.ops))
             result = apply(ds.ops, kernel, logger)
             report.applied += result.applied

@@ -252,10 +252,10 @@ def _hook_main(kind: str, argv: list[str], data: bytes, config: str, state_dir: 
     return rc, out.read(), err.getvalue().encode(), elapsed
 
 
-class HookRun:
-    def __init__(self, argv: list[str], rc: int, stdout: bytes, stderr: bytes, elapsed: float):
-        self.argv, self.rc, self.stdout, self.elapsed = argv, rc, stdout, elapsed
-        self.stderr = stderr.decode(errors="replace")
+class StderrLines:
+    """What a hook said on stderr, by level ("netplug qemu-hook: ERROR: …")."""
+
+    stderr: str
 
     @property
     def lines(self) -> list[str]:
@@ -271,6 +271,12 @@ class HookRun:
     @property
     def warnings(self) -> list[str]:
         return self.level("WARNING")
+
+
+class HookRun(StderrLines):
+    def __init__(self, argv: list[str], rc: int, stdout: bytes, stderr: bytes, elapsed: float):
+        self.argv, self.rc, self.stdout, self.elapsed = argv, rc, stdout, elapsed
+        self.stderr = stderr.decode(errors="replace")
 
     def __repr__(self) -> str:
         return (f"HookRun({' '.join(self.argv[1:])}: rc={self.rc} {self.elapsed * 1000:.0f} ms, "

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from fakes import FakeKernel
+from netns import StderrLines
 
 
 @pytest.fixture(autouse=True)
@@ -19,26 +20,11 @@ def fake(monkeypatch) -> FakeKernel:
 
 
 @dataclass
-class HookResult:
+class HookResult(StderrLines):
     rc: int
     stderr: str
     stdout: str
     elapsed: float
-
-    @property
-    def lines(self) -> list[str]:
-        return self.stderr.splitlines()
-
-    def level(self, level: str) -> list[str]:
-        return [ln for ln in self.lines if f": {level}: " in ln]
-
-    @property
-    def errors(self) -> list[str]:
-        return self.level("ERROR")
-
-    @property
-    def warnings(self) -> list[str]:
-        return self.level("WARNING")
 
 
 @pytest.fixture
