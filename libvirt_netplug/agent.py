@@ -27,9 +27,10 @@ when the filter is queried, and each sync queries it, so a burst always ends wit
 reads the final filter.
 
 Latency: an RX-filter event for a domain whose XML the agent already holds skips libvirt's
-XML (nothing in it changed: every XML change has its own event), queries QEMU through a
-cached domain handle before taking the state lock, then plans and applies for that domain
-only. Events for NICs netplug does not sync (libvirt's trustGuestRxFilters ones) are dropped.
+XML (nothing in it changed: every XML change has its own event), asks QEMU about the NICs
+the events named only (query-rx-filter by name: other NICs keep their recorded state and
+their own events armed) through a cached domain handle before taking the state lock, then
+plans and applies for that domain only; it reads only the macvtaps netplug syncs. Events for NICs netplug does not sync (libvirt's trustGuestRxFilters ones) are dropped.
 
 Failures: any apply error, or an error reading libvirt, schedules a full resync with an
 exponential backoff; a failed query-rx-filter re-marks its domain (the query is also what
@@ -53,7 +54,7 @@ from .errors import NetplugError, PolicyError
 from .model import Domain
 from .plan import Note
 from .policy import Config, load_config
-from .rxfilter import RxFilter, macvtap_intents
+from .rxfilter import PartialFilters, RxFilter, macvtap_intents
 from .state import StateDir
 from .sync import Desired, SyncReport, sync
 
@@ -223,7 +224,8 @@ class Session(Protocol):
     """One connection to libvirtd, as the worker uses it (a fake in unit tests)."""
 
     def desired(self, config: Config, names: Iterable[str] | None = None) -> Desired: ...
-    def rx_filters(self, domain: Domain) -> Mapping[str, RxFilter] | None: ...
+    def rx_filters(self, domain: Domain, nics: Iterable[str] | None = None
+                   ) -> Mapping[str, RxFilter] | None: ...
     def alive(self) -> bool: ...
     def close(self) -> None: ...
 
@@ -364,7 +366,13 @@ class LibvirtSession:
             self._handles.clear()
         return self._io.read_desired(self.conn, config, names, missing_ok=True)
 
-    def rx_filters(self, domain: Domain) -> Mapping[str, RxFilter] | None:
+    def rx_filters(self, domain: Domain, nics: Iterable[str] | None = None
+                   ) -> Mapping[str, RxFilter] | None:
+        """The guest's filters: every NIC's, or (``nics``) only those NICs' (a PartialFilters).
+
+        Asking one NIC by name is what its event needs: a smaller reply, and the domain's
+        other NICs (e.g. the ones libvirt syncs with trustGuestRxFilters='yes') are left for
+        whoever listens to their events."""
         libvirt = self._libvirt
         key = domain.uuid or domain.name
         dom = self._handles.get(key)
@@ -375,9 +383,15 @@ class LibvirtSession:
             except libvirt.libvirtError as e:
                 raise NetplugError(f"domain {domain.name}: {e.get_error_message()}") from None
             self._handles[key] = dom
-        # One call for every NIC of the domain; it also re-arms QEMU's event for each.
         try:
-            return self._io.query_rx_filters(dom)
+            if nics is None:
+                # One call for every NIC of the domain; it also re-arms QEMU's event for each.
+                return self._io.query_rx_filters(dom)
+            asked = sorted(set(nics))
+            got: dict[str, RxFilter] = {}
+            for nic in asked:
+                got.update(self._io.query_rx_filters(dom, nic))
+            return PartialFilters(got, asked)
         except NetplugError:
             self._handles.pop(key, None)
             raise
@@ -701,9 +715,10 @@ class Agent:
             log.debug("sync %s", "; ".join(f"{n} ({', '.join(work.domains[n])})"
                                             for n in names))
         try:
-            self._sync(names, cached=names is not None and all(
-                _rx_only(work.domains[n]) and n in self._xml for n in names),
-                marked=work.marked)
+            cached = names is not None and all(
+                _rx_only(work.domains[n]) and n in self._xml for n in names)
+            self._sync(names, cached=cached, marked=work.marked,
+                       nics=self._changed_nics(work.domains) if cached else None)
         except NetplugError as e:
             if self.session is not None and not self.session.alive():
                 self.queue.lost(f"connection to {self.options.uri} lost ({e})")
@@ -729,8 +744,19 @@ class Agent:
             return bool(managed)
         return bool(nics & managed)
 
+    def _changed_nics(self, reasons: Mapping[str, tuple[str, ...]]) -> dict[str, frozenset[str]]:
+        """For RX-filter events: per domain, the managed NICs they named (the ones to ask).
+        A domain with an event that named no NIC is left out: all its NICs get asked."""
+        out = {}
+        for name, rs in reasons.items():
+            nics = {r.split(" ", 1)[1] for r in rs if " " in r}
+            if len(nics) == len(rs):
+                out[name] = frozenset(nics & self._rx_managed.get(name, frozenset()))
+        return out
+
     def _sync(self, names: list[str] | None, cached: bool = False,
-              marked: float | None = None) -> None:
+              marked: float | None = None,
+              nics: Mapping[str, frozenset[str]] | None = None) -> None:
         assert self.session is not None
         session = self.session
         t0 = time.monotonic()
@@ -758,7 +784,9 @@ class Agent:
             if not any(i.managed for i in macvtap_intents(d, desired.networks, self.config)):
                 continue
             try:
-                filters[d.name] = session.rx_filters(d)
+                asked = (nics or {}).get(d.name)
+                filters[d.name] = (session.rx_filters(d, asked) if asked
+                                   else session.rx_filters(d))
             except NetplugError as e:
                 errors[d.name] = e
         t_query = time.monotonic() - t1

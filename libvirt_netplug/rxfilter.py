@@ -86,6 +86,16 @@ def _table(values: Any, multicast: bool, what: str, rejected: list[str]) -> tupl
     return tuple(sorted(out))
 
 
+class PartialFilters(dict):
+    """Filters of only the NICs that were asked (``asked``, by alias), e.g. the ones whose
+    NIC_RX_FILTER_CHANGED event is being handled. A NIC not asked is not "absent from QEMU's
+    reply": the planner keeps its last recorded filter instead."""
+
+    def __init__(self, filters: Mapping[str, RxFilter], asked: Iterable[str]):
+        super().__init__(filters)
+        self.asked = frozenset(asked)
+
+
 def parse_rx_filter_reply(reply: str | bytes | Mapping[str, Any]) -> dict[str, RxFilter]:
     """Parse a query-rx-filter reply ({"return": [...]}) into filters by NIC name (alias)."""
     if isinstance(reply, (str, bytes)):

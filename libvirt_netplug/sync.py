@@ -110,7 +110,9 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
                             macvtap_intents(d, desired.networks, desired.config))
             syncs[d.name] = ds
             bridges |= {i.bridge for i in ds.bridge_intents if i.managed and i.bridge}
-            devs |= {i.dev for i in ds.macvtap_intents if i.dev}
+            # Only macvtaps netplug syncs (plus recorded ones, below): a domain's other NICs,
+            # e.g. the ones libvirt syncs itself, are none of our business and cost a read.
+            devs |= {i.dev for i in ds.macvtap_intents if i.dev and i.managed}
         for name in set(retired) | set(syncs):
             rec = records.get(name, {})
             bridges |= {r.get("bridge") for r in rec.get("ports", {}).values() if r.get("bridge")}
@@ -217,10 +219,11 @@ def _plan_domain_rx(domain: Domain, ds: DomainSync, records: Mapping[str, Any],
         except NetplugError as e:
             ds.notes.append(Note("error", f"domain {domain.name}: cannot read guest RX "
                                           f"filters: {e}"))
+    asked = getattr(filters, "asked", None)  # a PartialFilters: only these NICs were asked
     for it in managed:
         rec = records.get(it.dev)
         link = observed.links.get(it.dev)
-        if filters is not None:
+        if filters is not None and (asked is None or it.interface.alias in asked):
             rp = plan_rx(it, filters.get(it.interface.alias or ""), link,
                          addresses.get(it.dev), rec)
         elif rec is not None:

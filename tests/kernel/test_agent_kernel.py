@@ -44,7 +44,7 @@ class Script:
             return Desired((parse_domain(self.xml),), {}, config)
         return Desired((), {}, config, frozenset({"vm1"}))
 
-    def rx_filters(self, domain):
+    def rx_filters(self, domain, nics=None):
         from libvirt_netplug.rxfilter import RxFilter
 
         self.queries += 1

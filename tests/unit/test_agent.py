@@ -21,7 +21,7 @@ from libvirt_netplug.agent import Agent, AgentOptions, WorkQueue, lifecycle_reas
 from libvirt_netplug.errors import NetplugError
 from libvirt_netplug.model import parse_domain, parse_network
 from libvirt_netplug.policy import Config
-from libvirt_netplug.rxfilter import RxFilter
+from libvirt_netplug.rxfilter import PartialFilters, RxFilter
 from libvirt_netplug.state import StateDir
 from libvirt_netplug.sync import Desired
 
@@ -43,6 +43,7 @@ class FakeLibvirt:
         self.refuse = False  # libvirtd down: connecting fails
         self.fail_query: set[str] = set()
         self.queries: list[str] = []
+        self.asked: list[tuple[str, ...] | None] = []  # per query: the NICs named (None: all)
         self.reads: list[tuple[str, ...] | None] = []
         self.sessions: list[FakeSession] = []
         self.lock = threading.Lock()
@@ -83,15 +84,20 @@ class FakeSession:
                                         for x in lib.networks.values())}
         return Desired(tuple(domains), nets, config, inactive)
 
-    def rx_filters(self, domain):
+    def rx_filters(self, domain, nics=None):
         if self.dead:
             raise NetplugError("query-rx-filter: end of file while reading data")
         with self.lib.lock:
             self.lib.queries.append(domain.name)
+            self.lib.asked.append(None if nics is None else tuple(sorted(nics)))
             if domain.name in self.lib.fail_query:
                 raise NetplugError("query-rx-filter: Requested operation is not valid: "
                                    "domain is not running")
-            return dict(self.lib.filters.get(domain.name, {}))
+            filters = dict(self.lib.filters.get(domain.name, {}))
+            if nics is None:
+                return filters
+            # QEMU answers only for the NIC named (query-rx-filter's "name" argument).
+            return PartialFilters({n: f for n, f in filters.items() if n in nics}, nics)
 
     def alive(self) -> bool:
         return not self.dead
@@ -308,6 +314,37 @@ def test_rx_filter_event_requeries_qemu_without_rereading_the_xml(world, state):
         assert lib.reads == [None, ("vm1",)]
 
 
+def test_rx_filter_event_asks_only_its_nic_and_keeps_the_others_state(world, state):
+    """Two synced macvtaps; an event for one asks QEMU about that NIC only (a smaller reply,
+    and no other NIC's event re-armed); the other's groups and record stay as they are."""
+    fake, lib = world
+    fake.add("macvtap2", "macvtap", address="52:54:00:00:00:22", up=True, lower="low0",
+             macvlan_mode="bridge")
+    lib.xml["vm1"] = vm_xml(extra=[iface("direct", mac="52:54:00:00:00:22",
+                                         source={"dev": "low0", "mode": "bridge"},
+                                         target="macvtap2", alias="net2")])
+    lib.filters["vm1"] = {**guest_filter(GROUP1),
+                          **guest_filter(GROUP1, alias="net2", mac="52:54:00:00:00:22")}
+    with Running(lib, fake, state) as agent:
+        assert lib.asked == [None]  # the start-up resync asks for every NIC
+        rec2 = state.domain("vm1")["rx"]["macvtap2"]
+        assert GROUP1 in fake.devs["macvtap2"].mc
+        # The guest moves net1 to GROUP2; net2's filter is unchanged and sends no event.
+        lib.filters["vm1"] = {**guest_filter(GROUP2),
+                              **guest_filter(GROUP1, alias="net2", mac="52:54:00:00:00:22")}
+        lib.event("vm1", "rx-filter net1")
+        wait_for(lambda: GROUP2 in fake.devs["macvtap0"].mc, what="the new group")
+        idle(agent)
+        assert lib.asked == [None, ("net1",)]
+        assert GROUP1 not in fake.devs["macvtap0"].mc
+        assert GROUP1 in fake.devs["macvtap2"].mc
+        assert state.domain("vm1")["rx"]["macvtap2"] == rec2
+        # An event that names no NIC asks for all of them.
+        lib.event("vm1", "rx-filter")
+        idle(agent)
+        assert lib.asked[-1] is None
+
+
 def test_rx_filter_event_of_a_nic_netplug_does_not_sync_is_ignored(world, state):
     """libvirt syncs trustGuestRxFilters NICs itself; their events are not ours."""
     fake, lib = world
@@ -517,7 +554,7 @@ def test_qemu_is_asked_outside_the_state_lock(world, state, monkeypatch):
 
     os.makedirs(state.path, exist_ok=True)
 
-    def rx_filters(self, domain):
+    def rx_filters(self, domain, nics=None):
         fd = os.open(os.path.join(state.path, "lock"), os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -526,7 +563,7 @@ def test_qemu_is_asked_outside_the_state_lock(world, state, monkeypatch):
             held.append(True)
         finally:
             os.close(fd)
-        return query(self, domain)
+        return query(self, domain, nics)
 
     monkeypatch.setattr(FakeSession, "rx_filters", rx_filters)
     with Running(lib, fake, state) as agent:
