@@ -19,6 +19,10 @@ host's /proc/net/dev_mcast shows the macvtap programmed (polled every millisecon
 - from the moment the command is written to the guest's serial console (adds the guest's
   shell and TCG time, the same for both, and its noise).
 
+The floor for any agent outside libvirtd, from the same run: how long libvirtd takes to
+hand QEMU's event to a client (every event the passive listener saw) plus a query-rx-filter
+round trip through libvirtd (50 of them on the idle guest after the rounds).
+
 Where the lab lives. libvirtd rewrites (and fsyncs) a domain's status file under
 /run/libvirt on every QEMU monitor command sent through its API, i.e. on every query the
 agent makes (libvirt's own trustGuestRxFilters path does not). On a real host /run is a
