@@ -14,7 +14,7 @@ from .errors import NetplugError
 from .model import Domain, Network, parse_domain, parse_network
 from .policy import Config
 from .rxfilter import RxFilter, parse_rx_filter_reply
-from .sync import Desired
+from .sync import Desired, gc_paused
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "qemu:///system"
@@ -80,6 +80,7 @@ def read_domain(dom) -> Domain:
     return parse_domain(dom.XMLDesc(0))
 
 
+@gc_paused()  # parsing every running domain's XML: see gc_paused
 def read_desired(conn, config: Config, names: Iterable[str] | None = None, *,
                  missing_ok: bool = False) -> Desired:
     """Running domains (live XML) and active networks; names limits the domains read.

@@ -8,8 +8,10 @@ applier performs them, under the same lock.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -69,10 +71,30 @@ class SyncReport:
         return bool(self.planned)
 
 
+@contextmanager
+def gc_paused():
+    """Pause CPython's cyclic garbage collector for one bulk run (usable as a decorator).
+
+    A run allocates hundreds of thousands of short-lived, acyclic objects (netlink messages,
+    parsed XML, records); reference counting frees them all. The collector's passes still
+    walk the growing set of live objects, so their cost grows faster than the host: with a
+    fake kernel, an in-sync run spent 4.7 ms in it at 500 ports and 27 ms (9 %) at 2,000.
+    Re-enabled on the way out; a nested pause leaves it to the outer one.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _rx_records_to_keep(intents: Iterable[MacvtapIntent]) -> set[str]:
     return {i.dev for i in intents if i.managed and i.dev}
 
 
+@gc_paused()
 def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSource | None = None,
          dry_run: bool = False, only: Iterable[str] | None = None,
          logger: logging.Logger | None = None) -> SyncReport:
