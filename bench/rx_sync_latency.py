@@ -401,6 +401,7 @@ def main() -> int:
         m = lat["median_from_command_ms"]
         print(f"from the guest console command: netplug {m['netplug']} ms, libvirt "
               f"{m['libvirt']} ms, ratio {lat['ratio_from_command']}", file=sys.stderr)
+    print(f"the agents' logs are kept in {work} (remove it when done)", file=sys.stderr)
     mem = results.get("memory")
     if mem:
         print(f"agent memory: managing {mem['managed']}", file=sys.stderr)
