@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from tests.lab import Lab  # noqa: E402
 from tests.lab.lab import Nic  # noqa: E402
+from polling import wait_for  # noqa: E402  (tests/ is on sys.path above)
 
 NS = "urn:x-libvirt-netplug:1"
 M_NETPLUG, M_LIBVIRT = "52:54:00:be:00:01", "52:54:00:be:00:02"
@@ -101,17 +102,6 @@ class Agent:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(20)
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 class McastWatch:

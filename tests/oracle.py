@@ -106,6 +106,11 @@ def dev_mcast(ns: str) -> list[tuple[str, int, int, str]]:
     return _parse_dev_mcast(_run(["ip", "netns", "exec", ns, "cat", "/proc/net/dev_mcast"]))
 
 
+def hexmac(mac: str) -> str:
+    """A MAC as /proc/net/dev_mcast writes it: 01005e010203."""
+    return mac.replace(":", "")
+
+
 def _parse_dev_mcast(out: str) -> list[tuple[str, int, int, str]]:
     rows = []
     for line in out.splitlines():

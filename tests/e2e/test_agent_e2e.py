@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:
 import oracle  # noqa: E402
 from fakes import NS  # noqa: E402
 from netns import netplug_cli  # noqa: E402
+from polling import wait_for  # noqa: E402
 from tests.lab import Lab  # noqa: E402
 from tests.lab.lab import Nic  # noqa: E402
 
@@ -37,22 +38,6 @@ pytestmark = pytest.mark.e2e
 
 M0, M1, M2, M3, M4 = (f"52:54:00:4e:00:0{i}" for i in range(5))
 GROUP = "01:00:5e:01:02:03"
-
-
-def hexmac(mac: str) -> str:
-    return mac.replace(":", "")
-
-
-def wait_for(pred, timeout: float = 10.0, what: str = "condition", agent=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = f"\n--- agent log ---\n{agent.log()[-3000:]}" if agent else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{tail}")
-        time.sleep(0.02)
 
 
 class AgentProc:
@@ -119,7 +104,7 @@ def rig(tmp_path_factory, lab_required):
         lab.add_host_bridge("br0")
         lab.add_uplink("br0", "up0")
         agent.start()
-        wait_for(lambda: "full resync (connected)" in agent.log(), 20, "the agent", agent)
+        wait_for(lambda: "full resync (connected)" in agent.log(), 20, "the agent", agent.log)
         guest = lab.start_guest("vm1", [
             Nic("direct", "low0", mac=M0), Nic("direct", "low1", mac=M1),
             Nic("direct", "low2", mac=M2, attrs="trustGuestRxFilters='yes'"),
@@ -146,22 +131,22 @@ def test_group_join_and_leave_reach_the_macvtap_and_the_lower_device(rig):
     lab, agent, g = rig["lab"], rig["agent"], rig["guest"]
     mvt = rig["dev"][M0]
     g.check(f"ip maddr add {GROUP} dev {rig['eth'][M0]}")
-    wait_for(lambda: hexmac(GROUP) in groups(lab.name, mvt), 10, "the group on the macvtap",
-             agent)
-    assert hexmac(GROUP) in groups(lab.name, "low0", users_only=False)
+    wait_for(lambda: oracle.hexmac(GROUP) in groups(lab.name, mvt), 10, "the group on the macvtap",
+             agent.log)
+    assert oracle.hexmac(GROUP) in groups(lab.name, "low0", users_only=False)
     g.check(f"ip maddr del {GROUP} dev {rig['eth'][M0]}")
-    wait_for(lambda: hexmac(GROUP) not in groups(lab.name, mvt, users_only=False), 10,
-             "the group to leave the macvtap", agent)
-    assert hexmac(GROUP) not in groups(lab.name, "low0", users_only=False)
+    wait_for(lambda: oracle.hexmac(GROUP) not in groups(lab.name, mvt, users_only=False), 10,
+             "the group to leave the macvtap", agent.log)
+    assert oracle.hexmac(GROUP) not in groups(lab.name, "low0", users_only=False)
 
 
 def test_allmulticast_follows_the_guest(rig):
     lab, agent, g = rig["lab"], rig["agent"], rig["guest"]
     mvt = rig["dev"][M0]
     g.check(f"ip link set {rig['eth'][M0]} allmulticast on")
-    wait_for(lambda: "ALLMULTI" in flags(lab.name, mvt), 10, "ALLMULTI", agent)
+    wait_for(lambda: "ALLMULTI" in flags(lab.name, mvt), 10, "ALLMULTI", agent.log)
     g.check(f"ip link set {rig['eth'][M0]} allmulticast off")
-    wait_for(lambda: "ALLMULTI" not in flags(lab.name, mvt), 10, "ALLMULTI off", agent)
+    wait_for(lambda: "ALLMULTI" not in flags(lab.name, mvt), 10, "ALLMULTI off", agent.log)
 
 
 def test_mac_change_refused_without_mac_and_followed_with_it(rig):
@@ -169,15 +154,15 @@ def test_mac_change_refused_without_mac_and_followed_with_it(rig):
     new0, new1 = "52:54:00:4e:00:90", "52:54:00:4e:00:91"
     g.check(f"ip link set {rig['eth'][M0]} address {new0}")
     wait_for(lambda: f"guest changed its MAC to {new0}; refused" in agent.log(), 10,
-             "the refusal", agent)
+             "the refusal", agent.log)
     assert oracle.link(lab.name, rig["dev"][M0])["address"] == M0
     g.check(f"ip link set {rig['eth'][M1]} address {new1}")
     wait_for(lambda: oracle.link(lab.name, rig["dev"][M1])["address"] == new1, 10,
-             "the macvtap to follow the guest's MAC", agent)
+             "the macvtap to follow the guest's MAC", agent.log)
     g.check(f"ip link set {rig['eth'][M1]} address {M1}; ip link set {rig['eth'][M0]} "
             f"address {M0}")
     wait_for(lambda: oracle.link(lab.name, rig["dev"][M1])["address"] == M1, 10,
-             "the MAC back", agent)
+             "the MAC back", agent.log)
 
 
 def test_trust_guest_rx_filters_interface_is_left_to_libvirt(rig):
@@ -185,8 +170,8 @@ def test_trust_guest_rx_filters_interface_is_left_to_libvirt(rig):
     assert agent.count("trustGuestRxFilters='yes': libvirt syncs this interface itself") == 1
     g.check(f"ip maddr add {GROUP} dev {rig['eth'][M2]}")
     # libvirt programs it (on the macvtap only); netplug never adds anything there.
-    wait_for(lambda: hexmac(GROUP) in groups(lab.name, rig["dev"][M2]), 15,
-             "libvirt's own sync", agent)
+    wait_for(lambda: oracle.hexmac(GROUP) in groups(lab.name, rig["dev"][M2]), 15,
+             "libvirt's own sync", agent.log)
     state = Path(rig["tmp"]) / "state" / "domains" / "vm1.json"
     assert rig["dev"][M2] not in state.read_text()
 
@@ -200,23 +185,23 @@ def test_hotplugged_bridge_interface_gets_its_fdb_entry_and_flags(rig):
     lab.virsh("attach-device", "vm1", str(path), "--live")
     tap = wait_for(lambda: rig["guest"].targets().get(M4), 10, "the new tap")
     wait_for(lambda: oracle.static_macs(lab.name, tap) == {M4: []}, 10, "the FDB entry",
-             agent)
-    wait_for(lambda: oracle.port_flags(lab.name, tap) == (False, False), 10, "flags", agent)
+             agent.log)
+    wait_for(lambda: oracle.port_flags(lab.name, tap) == (False, False), 10, "flags", agent.log)
     assert "device-added" in agent.log()
 
 
 def test_suspend_removes_the_fdb_entry_and_resume_restores_it(rig):
     lab, agent = rig["lab"], rig["agent"]
     tap = rig["dev"][M3]
-    wait_for(lambda: oracle.static_macs(lab.name, tap) == {M3: []}, 10, "the entry", agent)
+    wait_for(lambda: oracle.static_macs(lab.name, tap) == {M3: []}, 10, "the entry", agent.log)
     lab.virsh("suspend", "vm1")
-    wait_for(lambda: oracle.static_macs(lab.name, tap) == {}, 10, "the entry removed", agent)
+    wait_for(lambda: oracle.static_macs(lab.name, tap) == {}, 10, "the entry removed", agent.log)
     assert oracle.port_flags(lab.name, tap) == (True, True)
     assert M3 not in {e["mac"] for e in oracle.master_entries(lab.name) if
                       e.get("state") == "static"}
     lab.virsh("resume", "vm1")
     wait_for(lambda: oracle.static_macs(lab.name, tap) == {M3: []}, 10, "the entry back",
-             agent)
+             agent.log)
     assert oracle.port_flags(lab.name, tap) == (False, False)
 
 
@@ -227,18 +212,18 @@ def test_agent_killed_filter_changed_restarted_is_resynced(rig):
     missed = "01:00:5e:0a:0b:0c"
     g.check(f"ip maddr add {missed} dev {eth0}")
     time.sleep(0.5)
-    assert hexmac(missed) not in groups(lab.name, mvt)  # nobody listening
+    assert oracle.hexmac(missed) not in groups(lab.name, mvt)  # nobody listening
     agent.start()
-    wait_for(lambda: hexmac(missed) in groups(lab.name, mvt), 20, "the start-up resync",
-             agent)
+    wait_for(lambda: oracle.hexmac(missed) in groups(lab.name, mvt), 20, "the start-up resync",
+             agent.log)
     # The resync's query re-armed QEMU's event: the next change arrives as an event.
     after = "01:00:5e:0a:0b:0d"
     g.check(f"ip maddr add {after} dev {eth0}")
-    wait_for(lambda: hexmac(after) in groups(lab.name, mvt), 10, "an event after restart",
-             agent)
+    wait_for(lambda: oracle.hexmac(after) in groups(lab.name, mvt), 10, "an event after restart",
+             agent.log)
     g.check(f"ip maddr del {missed} dev {eth0}; ip maddr del {after} dev {eth0}")
-    wait_for(lambda: not {hexmac(missed), hexmac(after)} & groups(lab.name, mvt), 10,
-             "the groups gone", agent)
+    wait_for(lambda: not {oracle.hexmac(missed), oracle.hexmac(after)} & groups(lab.name, mvt), 10,
+             "the groups gone", agent.log)
 
 
 def test_libvirtd_restart_under_the_agent_reconnects_and_resyncs(rig):
@@ -247,21 +232,21 @@ def test_libvirtd_restart_under_the_agent_reconnects_and_resyncs(rig):
     connects = agent.count("connected to ")
     pid = lab.libvirtd_pid()
     os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: "reconnecting" in agent.log(), 15, "the agent to notice", agent)
+    wait_for(lambda: "reconnecting" in agent.log(), 15, "the agent to notice", agent.log)
     # While libvirtd is down: the guest changes its filter and someone deletes the FDB entry.
     lost = "01:00:5e:0a:0b:0e"
     g.check(f"ip maddr add {lost} dev {eth0}")
     lab.run("bridge", "fdb", "del", M3, "dev", tap, "master")
     assert oracle.static_macs(lab.name, tap) == {}
     lab.restart_libvirtd()
-    wait_for(lambda: agent.count("connected to ") > connects, 60, "the reconnection", agent)
+    wait_for(lambda: agent.count("connected to ") > connects, 60, "the reconnection", agent.log)
     wait_for(lambda: oracle.static_macs(lab.name, tap) == {M3: []}, 20, "the FDB resync",
-             agent)
-    wait_for(lambda: hexmac(lost) in groups(lab.name, mvt), 20, "the RX-filter resync", agent)
+             agent.log)
+    wait_for(lambda: oracle.hexmac(lost) in groups(lab.name, mvt), 20, "the RX-filter resync", agent.log)
     # Events flow on the new connection.
     g.check(f"ip maddr del {lost} dev {eth0}")
-    wait_for(lambda: hexmac(lost) not in groups(lab.name, mvt, users_only=False), 10,
-             "an event on the new connection", agent)
+    wait_for(lambda: oracle.hexmac(lost) not in groups(lab.name, mvt, users_only=False), 10,
+             "an event on the new connection", agent.log)
     assert agent.proc.poll() is None  # it never exited
 
 

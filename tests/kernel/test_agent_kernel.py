@@ -14,6 +14,7 @@ import pytest
 import oracle
 from fakes import bridge_iface, domain_xml, iface, policy_xml, tap_mac
 from netns import netplug_cli, setns
+from polling import wait_for
 
 GUEST, MVT = "52:54:00:00:00:01", "52:54:00:00:00:02"
 
@@ -99,21 +100,9 @@ def stop_agent(agent, t, errors):
     assert not t.is_alive() and not errors, errors
 
 
-def wait_for(pred, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def groups_on(ns, dev) -> set[str]:
     """Addresses a user (netplug) holds on DEV: /proc/net/dev_mcast rows with global use."""
     return {a for d, _r, g, a in oracle.dev_mcast(ns.name) if d == dev and g}
-
-
-def hexmac(mac):
-    return mac.replace(":", "")
 
 
 def test_lifecycle_and_rx_events_on_the_real_kernel(world):
@@ -124,13 +113,13 @@ def test_lifecycle_and_rx_events_on_the_real_kernel(world):
     try:
         assert oracle.static_macs(ns.name, "vnet0") == {GUEST: []}
         assert oracle.port_flags(ns.name, "vnet0") == (False, False)
-        assert hexmac("01:00:5e:01:02:03") in groups_on(ns, "macvtap0")
-        assert hexmac("01:00:5e:01:02:03") in {a for d, _r, _g, a in oracle.dev_mcast(ns.name)
+        assert oracle.hexmac("01:00:5e:01:02:03") in groups_on(ns, "macvtap0")
+        assert oracle.hexmac("01:00:5e:01:02:03") in {a for d, _r, _g, a in oracle.dev_mcast(ns.name)
                                                if d == "low0"}
         # The guest joins a second group: QEMU's event → one sync of vm1.
         script.groups = ("01:00:5e:01:02:03", "33:33:00:00:12:34")
         script.queue.mark("vm1", "rx-filter")
-        wait_for(lambda: hexmac("33:33:00:00:12:34") in groups_on(ns, "macvtap0"),
+        wait_for(lambda: oracle.hexmac("33:33:00:00:12:34") in groups_on(ns, "macvtap0"),
                  what="the second group")
         # virsh suspend: the FDB entry of a paused guest must not linger; flags come back.
         script.running = False
@@ -161,17 +150,17 @@ def test_a_flood_of_filter_changes_costs_bounded_syncs_and_ends_right(world):
             script.queue.mark("vm1", "rx-filter")
             time.sleep(0.003)
         burst = time.monotonic() - t0
-        wait_for(lambda: groups_on(ns, "macvtap0") == {hexmac(last)}, what="the final state")
+        wait_for(lambda: groups_on(ns, "macvtap0") == {oracle.hexmac(last)}, what="the final state")
         time.sleep(0.2)
         syncs = agent.stats["domain"] - base
         # The token bucket: 3 back to back, then one per min_interval, plus the tail sync;
         # whatever the event rate.
         assert syncs <= burst / 0.05 + 3 + 1, (syncs, burst)
-        assert groups_on(ns, "macvtap0") == {hexmac(last)}
+        assert groups_on(ns, "macvtap0") == {oracle.hexmac(last)}
         low = {a for d, _r, _g, a in oracle.dev_mcast(ns.name) if d == "low0"}
-        assert hexmac(last) in low
-        assert not {hexmac(f"01:00:5e:00:00:{i:02x}") for i in range(250)} & low - {
-            hexmac(last), "01005e000001"}
+        assert oracle.hexmac(last) in low
+        assert not {oracle.hexmac(f"01:00:5e:00:00:{i:02x}") for i in range(250)} & low - {
+            oracle.hexmac(last), "01005e000001"}
     finally:
         stop_agent(agent, t, errors)
 

@@ -223,10 +223,6 @@ def _mcast(host, dev):
     return sorted(a for d, _r, _g, a in oracle.dev_mcast(host.ns.name) if d == dev)
 
 
-def _hex(mac):
-    return mac.replace(":", "")
-
-
 @pytest.mark.parametrize("drift", ["learning-on", "flood-on", "entry-deleted", "entry-permanent",
                                    "entry-learned-on-uplink", "hand-added-entry",
                                    "flags-and-entry-on-two-domains", "multicast-deleted"])
@@ -234,7 +230,7 @@ def test_repairs_exactly_the_drift(host, drift):
     assert host.ns.call(_seed_macvtap, host.uri, str(host.config), str(host.state),
                         (MDNS4, MDNS6)) == 2
     for dev in ("mvt0", "low0"):  # the macvtap's list reaches its lower device
-        assert {_hex(MDNS4), _hex(MDNS6)} <= set(_mcast(host, dev)), dev
+        assert {oracle.hexmac(MDNS4), oracle.hexmac(MDNS6)} <= set(_mcast(host, dev)), dev
     rc, doc = host.reconcile()
     assert rc == 0, doc  # the seed left everything in sync
     foreign = host.foreign()
@@ -257,9 +253,9 @@ def test_repairs_exactly_the_drift(host, drift):
     if drift == "entry-learned-on-uplink":
         assert oracle.where_is(host.ns.name, B) == [("tap1", "static")]
     mc = _mcast(host, "mvt0")
-    assert _hex(MDNS4) in mc and _hex(MDNS6) in mc
+    assert oracle.hexmac(MDNS4) in mc and oracle.hexmac(MDNS6) in mc
     if drift == "multicast-deleted":
-        assert _hex(OTHER) in mc  # the admin's address stays
+        assert oracle.hexmac(OTHER) in mc  # the admin's address stays
     assert oracle.diff(foreign, host.foreign()) == []
     after = host.snapshot()
     rc, doc = host.reconcile()
@@ -274,8 +270,8 @@ def test_guest_filter_change_follows_the_guest(host):
     assert host.ns.call(_seed_macvtap, host.uri, str(host.config), str(host.state),
                         (MDNS6, "01:00:5e:00:00:fc")) == 2
     mc = _mcast(host, "mvt0")
-    assert _hex(MDNS4) not in mc
-    assert {_hex(MDNS6), _hex("01:00:5e:00:00:fc"), _hex(OTHER)} <= set(mc)
+    assert oracle.hexmac(MDNS4) not in mc
+    assert {oracle.hexmac(MDNS6), oracle.hexmac("01:00:5e:00:00:fc"), oracle.hexmac(OTHER)} <= set(mc)
 
 
 def test_stopped_domain_stale_entries_are_undone(host):

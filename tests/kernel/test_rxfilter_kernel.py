@@ -29,10 +29,6 @@ def guest(stem: str) -> dict:
     return {e["name"]: e for e in json.loads(reply_text(stem))["return"]}
 
 
-def hexmac(mac: str) -> str:
-    return mac.replace(":", "")
-
-
 @pytest.fixture
 def host(ns, tmp_path):
     ns.add_veth("low0", "low0p")
@@ -99,7 +95,7 @@ def test_guest_groups_reach_the_macvtap_and_its_lower_device_and_leave_again(hos
     before = oracle.view(oracle.snapshot(ns.name), ["macvtap0", "low0"])
     assert ALL_HOSTS in mcast(ns, "macvtap0")  # the kernel's own membership
     sync_(host, vm(), "join-ipv6-group")
-    table = {hexmac(m) for m in guest("join-ipv6-group")["net0"]["multicast-table"]}
+    table = {oracle.hexmac(m) for m in guest("join-ipv6-group")["net0"]["multicast-table"]}
     assert len(table) == 5
     for dev in ("macvtap0", "low0"):  # the kernel propagates the macvtap's list downwards
         assert table <= set(mcast(ns, dev)), dev
@@ -109,7 +105,7 @@ def test_guest_groups_reach_the_macvtap_and_its_lower_device_and_leave_again(hos
     assert sync_(host, vm(), "join-ipv6-group")["applied"] == []
     assert oracle.diff(snap, oracle.snapshot(ns.name)) == []
     sync_(host, vm(), "leave-group")
-    left = {hexmac("01:00:5e:01:02:03"), hexmac("33:33:00:00:12:34")}
+    left = {oracle.hexmac("01:00:5e:01:02:03"), oracle.hexmac("33:33:00:00:12:34")}
     for dev in ("macvtap0", "low0"):
         assert not left & set(mcast(ns, dev)), dev
     # The guest stops: netplug's memberships go, the kernel's own one stays.

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from fakes import FakeKernel, bridge_iface, domain_xml, iface, policy_xml
+from polling import wait_for
 from libvirt_netplug.agent import Agent, AgentOptions, WorkQueue, lifecycle_reason, rx_reason
 from libvirt_netplug.errors import NetplugError
 from libvirt_netplug.model import parse_domain, parse_network
@@ -165,14 +166,6 @@ class Running:
         self.agent.stop()
         self.thread.join(5)
         assert not self.thread.is_alive(), "the worker did not stop"
-
-
-def wait_for(pred, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def idle(agent: Agent, timeout=5.0):
