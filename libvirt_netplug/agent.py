@@ -54,7 +54,7 @@ from .errors import NetplugError, PolicyError
 from .model import Domain
 from .plan import Note
 from .policy import Config, load_config
-from .rxfilter import PartialFilters, RxFilter, macvtap_intents
+from .rxfilter import PartialFilters, RxFilter
 from .state import StateDir
 from .sync import Desired, SyncReport, sync
 
@@ -775,32 +775,16 @@ class Agent:
         t_read = time.monotonic() - t0
         for err in desired.errors:
             self._note(Note("warning", err, once_key=f"desired:{err[:120]}"))
-        # Ask QEMU first, outside the state lock (hooks wait on it; a query is a round trip
-        # through libvirtd to QEMU's monitor), for every domain with a managed macvtap.
-        t1 = time.monotonic()
-        filters: dict[str, Mapping[str, RxFilter] | None] = {}
-        errors: dict[str, NetplugError] = {}
-        for d in desired.domains:
-            if not any(i.managed for i in macvtap_intents(d, desired.networks, self.config)):
-                continue
-            try:
-                asked = (nics or {}).get(d.name)
-                filters[d.name] = (session.rx_filters(d, asked) if asked
-                                   else session.rx_filters(d))
-            except NetplugError as e:
-                errors[d.name] = e
-        t_query = time.monotonic() - t1
-        failed, ok = set(errors), set(filters)
 
         def rx_source(domain: Domain) -> Mapping[str, RxFilter] | None:
-            if domain.name in errors:
-                raise errors[domain.name]
-            if domain.name in filters:
-                return filters[domain.name]
-            # Not prefetched (no managed macvtap as far as the agent could tell): ask now.
-            return session.rx_filters(domain)
+            asked = (nics or {}).get(domain.name)
+            return session.rx_filters(domain, asked) if asked else session.rx_filters(domain)
 
+        # sync() asks QEMU before it takes the state lock (hooks wait on it).
         report = sync(self._kernel, self.state, desired, rx_source=rx_source, only=names)
+        t_query = report.rx_query_seconds
+        failed = {ds.name for ds in report.domains if ds.rx_error is not None}
+        ok = {ds.name for ds in report.domains if ds.rx_queried and ds.rx_error is None}
         total = time.monotonic() - t0
         log.debug("%s took %.1f ms (queued %.1f ms, libvirt XML %.1f ms, QEMU query %.1f ms, "
                   "kernel and state %.1f ms, %d operations)", "full resync" if names is None

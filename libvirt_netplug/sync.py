@@ -50,6 +50,8 @@ class DomainSync:
     macvtap_intents: list[MacvtapIntent] = field(default_factory=list)
     ops: list[Operation] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
+    rx_queried: bool = False  # QEMU was asked for this domain's guest RX filters ...
+    rx_error: NetplugError | None = None  # ... and this is why it could not answer
 
 
 @dataclass
@@ -61,6 +63,7 @@ class SyncReport:
     notes: list[Note] = field(default_factory=list)
     observed: Observed | None = None
     elapsed: float = 0.0
+    rx_query_seconds: float = 0.0  # of elapsed: asking QEMU, before the lock
 
     @property
     def planned(self) -> list[Operation]:
@@ -108,6 +111,25 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
     t0 = time.monotonic()
     only_set = set(only) if only is not None else None
     report = SyncReport(dry_run=dry_run)
+    running = {d.name: d for d in desired.domains}
+    # Intents depend on libvirt's view only, so they and the guests' RX filters are read
+    # before the state lock: a query is a round trip through libvirtd to QEMU's monitor per
+    # domain, and hooks wait on the lock.
+    syncs: dict[str, DomainSync] = {}
+    filters: dict[str, Mapping[str, RxFilter] | None] = {}
+    for d in desired.domains:
+        if only_set is not None and d.name not in only_set:
+            continue
+        ds = DomainSync(d.name, True, bridge_intents(d, desired.networks, desired.config),
+                        macvtap_intents(d, desired.networks, desired.config))
+        syncs[d.name] = ds
+        if rx_source is not None and any(i.managed for i in ds.macvtap_intents):
+            ds.rx_queried = True
+            try:
+                filters[d.name] = rx_source(d)
+            except NetplugError as e:
+                ds.rx_error = e
+    report.rx_query_seconds = time.monotonic() - t0
     with state.lock():
         if not dry_run and only_set is None:
             _refresh_networks(state, desired.networks)
@@ -116,21 +138,15 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
         records = state.domains() if only_set is None else {
             n: rec for n in sorted(only_set)
             if (rec := state.domain(n)).get("ports") or rec.get("rx")}
-        running = {d.name: d for d in desired.domains}
-        selected = [d for d in desired.domains if only_set is None or d.name in only_set]
         # A record written after we began reading libvirt belongs to a domain that started
         # (its hook ran) while we read: our view is older than it, so it is not retired now
         # (the next run sees the domain). Without this, reconcile undoes a just-started guest.
         retired = [n for n in records if n not in running and
                    (only_set is None or n in only_set) and
                    not state.domain_changed_since(n, desired.read_at)]
-        syncs: dict[str, DomainSync] = {}
         bridges: set[str] = set()
         devs: set[str] = set()
-        for d in selected:
-            ds = DomainSync(d.name, True, bridge_intents(d, desired.networks, desired.config),
-                            macvtap_intents(d, desired.networks, desired.config))
-            syncs[d.name] = ds
+        for ds in syncs.values():
             bridges |= {i.bridge for i in ds.bridge_intents if i.managed and i.bridge}
             # Only macvtaps netplug syncs (plus recorded ones, below): a domain's other NICs,
             # e.g. the ones libvirt syncs itself, are none of our business and cost a read.
@@ -155,8 +171,8 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
             port_plans[name] = pp
             ds.ops += pp.ops
             ds.notes += pp.notes
-            rx_plans[name] = _plan_domain_rx(running[name], ds, rec.get("rx", {}), observed,
-                                             addresses, rx_source)
+            rx_plans[name] = _plan_domain_rx(ds, rec.get("rx", {}), observed, addresses,
+                                             filters.get(name))
         for name in retired:
             rec = records[name]
             ds = DomainSync(name, False)
@@ -227,20 +243,16 @@ def _read_addresses(kernel: Kernel, devs: Iterable[str], observed: Observed
     return out
 
 
-def _plan_domain_rx(domain: Domain, ds: DomainSync, records: Mapping[str, Any],
-                    observed: Observed, addresses, rx_source: RxSource | None
-                    ) -> dict[str, dict[str, Any]]:
-    """RX-filter operations for one domain's managed macvtaps; returns the new records."""
+def _plan_domain_rx(ds: DomainSync, records: Mapping[str, Any], observed: Observed, addresses,
+                    filters: Mapping[str, RxFilter] | None) -> dict[str, dict[str, Any]]:
+    """RX-filter operations for one domain's managed macvtaps (``filters``: what QEMU said,
+    None when it was not or could not be asked); returns the new records."""
     managed = [i for i in ds.macvtap_intents if i.managed]
     ds.notes += rx_intent_notes(ds.macvtap_intents)
     new_records: dict[str, dict[str, Any]] = {}
-    filters = None
-    if managed and rx_source is not None:
-        try:
-            filters = rx_source(domain)
-        except NetplugError as e:
-            ds.notes.append(Note("error", f"domain {domain.name}: cannot read guest RX "
-                                          f"filters: {e}"))
+    if ds.rx_error is not None:
+        ds.notes.append(Note("error", f"domain {ds.name}: cannot read guest RX "
+                                      f"filters: {ds.rx_error}"))
     asked = getattr(filters, "asked", None)  # a PartialFilters: only these NICs were asked
     for it in managed:
         rec = records.get(it.dev)

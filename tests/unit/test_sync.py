@@ -1,14 +1,19 @@
-"""The engine's bulk runs pause the cyclic garbage collector, and always give it back."""
+"""The engine: QEMU is asked outside the state lock; bulk runs pause the cyclic garbage
+collector and always give it back."""
 
 from __future__ import annotations
 
+import fcntl
 import gc
+import os
 
 import pytest
 
-from fakes import FakeKernel, bridge_iface, domain_xml, policy_xml
+from fakes import FakeKernel, bridge_iface, domain_xml, iface, policy_xml
+from libvirt_netplug.errors import NetplugError
 from libvirt_netplug.model import parse_domain
 from libvirt_netplug.policy import Config
+from libvirt_netplug.rxfilter import RxFilter
 from libvirt_netplug.state import StateDir
 from libvirt_netplug.sync import Desired, gc_paused, sync
 
@@ -79,3 +84,53 @@ def test_a_collector_the_caller_turned_off_stays_off():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+MVT_MAC = "52:54:00:aa:00:02"
+GROUP = "01:00:5e:00:00:fb"
+
+
+def macvtap_desired(*names: str) -> Desired:
+    doms = []
+    for n, name in enumerate(names):
+        xml = domain_xml(name, [iface("direct", mac=MVT_MAC, source={"dev": "low0",
+                                                                   "mode": "bridge"},
+                                      target=f"mvt{n}", alias="net0")],
+                         metadata=policy_xml(rxFilters="multicast"))
+        doms.append(parse_domain(xml))
+    return Desired(tuple(doms), {}, Config())
+
+
+def test_qemu_is_asked_before_the_state_lock_and_a_failure_is_per_domain(state_path):
+    """reconcile, status and doctor pass an rx_source too: hooks must never wait on the lock
+    while it goes round libvirtd to QEMU's monitor. A domain QEMU cannot answer for is
+    reported on its own; the others are synced."""
+    k = FakeKernel()
+    k.add("low0", "veth", up=True)
+    for n in range(2):
+        k.add(f"mvt{n}", "macvtap", address=MVT_MAC, up=True, lower="low0",
+              macvlan_mode="bridge")
+    state = StateDir(str(state_path))
+    os.makedirs(state.path, exist_ok=True)
+    lock_held = []
+
+    def rx_source(domain):
+        fd = os.open(os.path.join(state.path, "lock"), os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_held.append(False)
+        except BlockingIOError:
+            lock_held.append(True)
+        finally:
+            os.close(fd)
+        if domain.name == "vm2":
+            raise NetplugError("query-rx-filter: domain is not running")
+        return {"net0": RxFilter("net0", MVT_MAC, multicast_table=(GROUP,))}
+
+    report = sync(k, state, macvtap_desired("vm1", "vm2"), rx_source=rx_source)
+    assert lock_held == [False, False]
+    by_name = {ds.name: ds for ds in report.domains}
+    assert by_name["vm1"].rx_queried and by_name["vm1"].rx_error is None
+    assert by_name["vm2"].rx_queried and "not running" in str(by_name["vm2"].rx_error)
+    assert GROUP in k.devs["mvt0"].mc and GROUP not in k.devs["mvt1"].mc
+    assert any("vm2: cannot read guest RX filters" in n.message for n in report.notes)
