@@ -93,7 +93,6 @@ def read_desired(conn, config: Config, names: Iterable[str] | None = None, *,
     libvirt = _libvirt()
     networks, errors = read_networks(conn)
     domains: list[Domain] = []
-    inactive: set[str] = set()
     known_running: set[str] = set()
     if names is None:
         # libvirtd filters by state, so a running domain costs one round trip (its XML), not
@@ -102,9 +101,6 @@ def read_desired(conn, config: Config, names: Iterable[str] | None = None, *,
         try:
             objs = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_RUNNING)
             known_running = {d.name() for d in objs}
-            inactive |= {d.name() for d in conn.listAllDomains(
-                libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED |
-                libvirt.VIR_CONNECT_LIST_DOMAINS_SHUTOFF)}
             # Other states (blocked counts as running; crashed, pmsuspended... do not).
             objs += conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_OTHER)
         except libvirt.libvirtError as e:
@@ -117,25 +113,22 @@ def read_desired(conn, config: Config, names: Iterable[str] | None = None, *,
             except libvirt.libvirtError as e:
                 if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                     raise NetplugError(f"domain {name}: {e.get_error_message()}") from None
-                if missing_ok:
-                    inactive.add(name)
-                else:
+                if not missing_ok:  # the agent: a destroyed transient domain is just gone
                     errors.append(f"domain {name}: not found")
     for d in objs:
         try:
             name = d.name()
             if name not in known_running and not is_running(d.state()[0]):
-                inactive.add(name)
                 continue
             domains.append(read_domain(d))
         except libvirt.libvirtError as e:
+            # VIR_ERR_NO_DOMAIN: undefined while we read, so not running.
             if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 raise NetplugError(f"domain {d.name()}: {e.get_error_message()}") from None
-            inactive.add(d.name())  # undefined while we read: not running
         except NetplugError as e:
             errors.append(str(e))
     return Desired(tuple(sorted(domains, key=lambda d: d.name)), networks, config,
-                   frozenset(inactive), tuple(errors), read_at)
+                   tuple(errors), read_at)
 
 
 def query_rx_filters(dom, nic: str | None = None) -> dict[str, RxFilter]:

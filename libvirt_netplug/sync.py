@@ -37,7 +37,6 @@ class Desired:
     domains: tuple[Domain, ...]  # running domains (paused ones own nothing)
     networks: Mapping[str, Network]  # active networks
     config: Config
-    inactive: frozenset[str] = frozenset()  # defined-but-not-running or paused domain names
     errors: tuple[str, ...] = ()  # domains/networks whose XML or policy could not be read
     read_at: float | None = None  # time.time() when reading libvirt began
 

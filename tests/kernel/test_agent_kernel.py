@@ -43,7 +43,7 @@ class Script:
 
         if self.running:
             return Desired((parse_domain(self.xml),), {}, config)
-        return Desired((), {}, config, frozenset({"vm1"}))
+        return Desired((), {}, config)
 
     def rx_filters(self, domain, nics=None):
         from libvirt_netplug.rxfilter import RxFilter

@@ -62,8 +62,7 @@ def _sync(xml: str, reply: str | None, state: str, running: bool = True) -> dict
     from libvirt_netplug.sync import Desired, sync
 
     dom = parse_domain(xml)
-    desired = Desired((dom,) if running else (), {}, Config(),
-                      frozenset() if running else frozenset({dom.name}))
+    desired = Desired((dom,) if running else (), {}, Config())
     with NetlinkKernel() as k:
         report = sync(k, StateDir(state), desired, only={"vm1"},
                       rx_source=(lambda d: parse_rx_filter_reply(reply)) if reply else None)

@@ -80,10 +80,9 @@ class FakeSession:
             wanted = set(lib.xml) if names is None else set(names)
             domains = [parse_domain(lib.xml[n]) for n in sorted(wanted)
                        if n in lib.xml and lib.running.get(n)]
-            inactive = frozenset(n for n in wanted if not (n in lib.xml and lib.running.get(n)))
             nets = {n.name: n for n in (parse_network(x, lenient=True)
                                         for x in lib.networks.values())}
-        return Desired(tuple(domains), nets, config, inactive)
+        return Desired(tuple(domains), nets, config)
 
     def rx_filters(self, domain, nics=None):
         if self.dead:
