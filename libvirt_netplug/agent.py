@@ -613,7 +613,6 @@ class Agent:
         # Observable counters (tests, status): syncs by scope, connections.
         self.stats: dict[str, int] = {"full": 0, "domain": 0, "connects": 0, "errors": 0,
                                       "skipped": 0}
-        self.last_report: SyncReport | None = None
         self.ready = threading.Event()  # set after the first full resync
 
     # -- control (any thread) ----------------------------------------------------------
@@ -790,7 +789,6 @@ class Agent:
                   "kernel and state %.1f ms, %d operations)", "full resync" if names is None
                   else "sync of " + ", ".join(names), total * 1e3, waited * 1e3, t_read * 1e3,
                   t_query * 1e3, (total - t_read - t_query) * 1e3, len(report.applied))
-        self.last_report = report
         scope = "full" if names is None else "domain"
         self.stats[scope] += 1
         for note in report.notes:

@@ -22,10 +22,10 @@ from typing import Any, Callable, TextIO
 
 from .errors import DeviceGone, KernelError
 from .kernel import Link
-from .reconcile import (Inputs, JSON_VERSION, add_common_arguments, read_inputs,
-                        setup_logging, _new_kernel)
+from .reconcile import (Inputs, JSON_VERSION, add_common_arguments, observe_dry, onoff,
+                        read_inputs, setup_logging, _new_kernel)
 from .state import StateDir
-from .sync import SyncReport, sync
+from .sync import SyncReport
 
 LEVELS = ("ok", "info", "warning", "error")
 
@@ -208,28 +208,8 @@ def agent_pids(proc: str = "/proc") -> list[int]:
     return sorted(pids)
 
 
-def _agent_pid_file() -> str | None:
-    try:
-        from . import agent  # written alongside; may define where it keeps its pid
-    except ImportError:
-        return None
-    return getattr(agent, "PID_FILE", None) or getattr(agent, "DEFAULT_PID_FILE", None)
-
-
-def _pid_from_file(path: str | None) -> int | None:
-    if not path:
-        return None
-    try:
-        with open(path) as f:
-            pid = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if os.path.exists(f"/proc/{pid}") else None
-
-
 def check_agent(managed_macvtaps: int, proc: str = "/proc") -> Finding:
-    pid = _pid_from_file(_agent_pid_file())
-    pids = [pid] if pid else agent_pids(proc)
+    pids = agent_pids(proc)
     if pids:
         return Finding("ok", "agent", "agent",
                        f"agent running (pid {', '.join(map(str, pids))})")
@@ -258,10 +238,6 @@ def managed_bridges(report: SyncReport, inputs: Inputs, records: dict[str, Any])
     names |= {n.bridge for n in inputs.desired.networks.values()
               if n.bridge and n.policy.manages_bridge_port and n.mac_table_manager != "libvirt"}
     return sorted(names)
-
-
-def _yesno(v: bool | None) -> str:
-    return {True: "on", False: "off", None: "unknown"}[v]
 
 
 def bridge_view(name: str, report: SyncReport, kernel, sysfs: str = "/sys/class/net"
@@ -315,7 +291,7 @@ def _explain_bridge(v: BridgeView) -> None:
     # 1. Guest ports: flooding to guests off?
     drift = [p for p in managed if p.auto or not p.fdb]
     if drift:
-        what = "; ".join(f"{p.who()}: learning {_yesno(p.learning)}, flood {_yesno(p.flood)}, "
+        what = "; ".join(f"{p.who()}: learning {onoff(p.learning)}, flood {onoff(p.flood)}, "
                          f"FDB entry {'present' if p.fdb else 'missing'}" for p in drift)
         f.append(Finding("error", subj, "guest-ports",
                          f"{len(drift)} managed guest port{'s' * (len(drift) != 1)} drifted: "
@@ -331,8 +307,8 @@ def _explain_bridge(v: BridgeView) -> None:
     if flooding:
         f.append(Finding("warning", subj, "guest-ports",
                          "guest ports that still learn or flood (not managed): "
-                         + "; ".join(f"{p.who()}: learning {_yesno(p.learning)}, flood "
-                                     f"{_yesno(p.flood)} ({p.reason})" for p in flooding),
+                         + "; ".join(f"{p.who()}: learning {onoff(p.learning)}, flood "
+                                     f"{onoff(p.flood)} ({p.reason})" for p in flooding),
                          "give these interfaces promiscLinks='no' (config [bridge."
                          f"{v.name}], network or domain metadata) if they should be isolated, "
                          "then run netplug reconcile"))
@@ -342,7 +318,7 @@ def _explain_bridge(v: BridgeView) -> None:
     promisc_uplinks = [p for p in uplinks if (p.promiscuity or 0) > 0]
     up_desc = "; ".join(
         f"{p.name}: promiscuity {p.promiscuity if p.promiscuity is not None else '?'}, learning "
-        f"{_yesno(p.learning)}, flood {_yesno(p.flood)}, unicast filter "
+        f"{onoff(p.learning)}, flood {onoff(p.flood)}, unicast filter "
         f"[{', '.join(p.unicast_filter or []) or 'empty'}]" for p in uplinks)
     names = ", ".join(p.name for p in promisc_uplinks) or ", ".join(p.name for p in uplinks)
     guests_off = ("even though flooding to guests is off" if v.guests_isolated
@@ -537,8 +513,8 @@ class Diagnosis:
 
 def diagnose(inputs: Inputs, state: StateDir, kernel, *, hooks_dir: str,
              sysfs: str = "/sys/class/net", proc: str = "/proc") -> Diagnosis:
-    report = sync(kernel, state, inputs.desired, rx_source=inputs.rx_source, dry_run=True)
-    records = state.domains()
+    report = observe_dry(inputs, state, kernel)
+    records = report.records
     # Bridges named only by config or network policy are not in the engine's observation of
     # FDBs; the link dump has every device, which is all doctor needs for them.
     bridges = [bridge_view(b, report, kernel, sysfs)

@@ -5,6 +5,7 @@ Everything libvirt-python raises is turned into a one-line NetplugError here.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -20,12 +21,10 @@ log = logging.getLogger(__name__)
 DEFAULT_URI = "qemu:///system"
 
 
+@functools.cache
 def load_libvirt():
-    """The libvirt module, with libvirt-python's print-every-error handler silenced."""
-    return _libvirt()
-
-
-def _libvirt():
+    """The libvirt module, with libvirt-python's print-every-error handler silenced (once:
+    the agent's RX-event path calls this per query)."""
     try:
         import libvirt
     except ImportError:
@@ -37,7 +36,7 @@ def _libvirt():
 
 
 def connect(uri: str = DEFAULT_URI):
-    libvirt = _libvirt()
+    libvirt = load_libvirt()
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as e:
@@ -46,12 +45,12 @@ def connect(uri: str = DEFAULT_URI):
 
 
 def is_running(state: int) -> bool:
-    libvirt = _libvirt()
+    libvirt = load_libvirt()
     return state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED)
 
 
 def read_networks(conn) -> tuple[dict[str, Network], list[str]]:
-    libvirt = _libvirt()
+    libvirt = load_libvirt()
     nets: dict[str, Network] = {}
     errors: list[str] = []
     try:
@@ -90,7 +89,7 @@ def read_desired(conn, config: Config, names: Iterable[str] | None = None, *,
     transient domain that was destroyed is simply gone, and counts as not running).
     """
     read_at = time.time()
-    libvirt = _libvirt()
+    libvirt = load_libvirt()
     networks, errors = read_networks(conn)
     domains: list[Domain] = []
     known_running: set[str] = set()
@@ -137,7 +136,7 @@ def query_rx_filters(dom, nic: str | None = None) -> dict[str, RxFilter]:
     Note: libvirt marks a domain "tainted: custom-monitor" the first time a monitor command
     is sent through this API; it is informational.
     """
-    libvirt = _libvirt()
+    libvirt = load_libvirt()
     import libvirt_qemu
 
     cmd: dict[str, Any] = {"execute": "query-rx-filter"}
@@ -153,7 +152,7 @@ def query_rx_filters(dom, nic: str | None = None) -> dict[str, RxFilter]:
 
 def rx_source_for(conn):
     """An RxSource (see sync.py) that asks QEMU through this connection."""
-    libvirt = _libvirt()
+    libvirt = load_libvirt()
 
     def source(domain: Domain) -> Mapping[str, RxFilter] | None:
         try:

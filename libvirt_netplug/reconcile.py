@@ -49,7 +49,6 @@ class Inputs:
     uri: str
     desired: Desired
     rx_source: RxSource | None
-    conn: Any = None  # the libvirt connection (doctor asks it a few more questions)
     seconds: float = 0.0  # time spent reading libvirt (listing + every domain's live XML)
 
 
@@ -65,7 +64,7 @@ def read_inputs(uri: str, config_path: str | None, names: Iterable[str] | None =
     desired = libvirt_io.read_desired(conn, config, names)
     seconds = time.monotonic() - t0
     rx_source = libvirt_io.rx_source_for(conn) if guest_query else None
-    return Inputs(uri, desired, rx_source, conn, seconds)
+    return Inputs(uri, desired, rx_source, seconds)
 
 
 def _new_kernel():
@@ -86,7 +85,7 @@ def observe_dry(inputs: Inputs, state: StateDir, kernel=None) -> SyncReport:
 # -- why each operation is needed (pure) --------------------------------------------------------
 
 
-def _onoff(v: bool | None) -> str:
+def onoff(v: bool | None) -> str:
     return {True: "on", False: "off", None: "unknown"}[v]
 
 
@@ -119,9 +118,9 @@ def explain(op: Operation, running: bool, observed: Observed | None) -> str:
             return f"{gone}: restore the flags netplug changed"
         now = []
         if op.prev_learning is not False:
-            now.append(f"learning is {_onoff(op.prev_learning)}")
+            now.append(f"learning is {onoff(op.prev_learning)}")
         if op.prev_flood is not False:
-            now.append(f"flood is {_onoff(op.prev_flood)}")
+            now.append(f"flood is {onoff(op.prev_flood)}")
         return " and ".join(now) or "port flags differ"
     if isinstance(op, DeleteFdb):
         if not running:
@@ -183,7 +182,6 @@ class Change:
 @dataclass
 class Outcome:
     report: SyncReport
-    desired: Desired
     changes: list[Change] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -290,7 +288,7 @@ def outcome_of(report: SyncReport, desired: Desired) -> Outcome:
                                   err))
     errors = list(desired.errors)
     errors += [f"failed to {op.describe()}: {e}" for op, e in report.errors]
-    return Outcome(report, desired, changes, errors)
+    return Outcome(report, changes, errors)
 
 
 def reconcile(kernel, state: StateDir, desired: Desired, *, rx_source: RxSource | None = None,

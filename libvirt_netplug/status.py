@@ -165,7 +165,7 @@ def _retired_rows(ds: DomainSync, record: dict[str, Any], mtime: float | None) -
 
 def build_rows(report: SyncReport, inputs: Inputs, state: StateDir) -> list[Row]:
     domains = {d.name: d for d in inputs.desired.domains}
-    records = state.domains()
+    records = report.records
     rows: list[Row] = []
     for ds in report.domains:
         rec = records.get(ds.name, {})

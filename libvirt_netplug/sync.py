@@ -61,6 +61,9 @@ class SyncReport:
     errors: list[tuple[Operation, NetplugError]] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
     observed: Observed | None = None
+    # State records as read under the lock (the selected ones under ``only``); a dry run
+    # leaves them as read, so status and doctor need not read them again.
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
     elapsed: float = 0.0
     rx_query_seconds: float = 0.0  # of elapsed: asking QEMU, before the lock
 
@@ -137,6 +140,7 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
         records = state.domains() if only_set is None else {
             n: rec for n in sorted(only_set)
             if (rec := state.domain(n)).get("ports") or rec.get("rx")}
+        report.records = records
         # A record written after we began reading libvirt belongs to a domain that started
         # (its hook ran) while we read: our view is older than it, so it is not retired now
         # (the next run sees the domain). Without this, reconcile undoes a just-started guest.
