@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, MutableMapping
+from typing import Any, Iterable, MutableMapping, TYPE_CHECKING
 
 from .errors import DeviceGone, NetplugError
-from .kernel import Kernel, Link
 from .ops import Operation, SetPortFlags, ReplaceFdb
 from .plan import Observed, Plan
+
+if TYPE_CHECKING:  # annotations only: the hook loads netlink only when it has work
+    from .kernel import Kernel, Link
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,11 @@ import sys
 from typing import Callable
 
 from .errors import NetplugError
+from .hook import QEMU_APPLY, QEMU_CLEANUP  # hook.py imports nothing more at module level
 
-APPLY_OPS = ("start", "started", "reconnect")
-CLEANUP_OPS = ("stopped", "release")
+# The events `plan --op` models: the hook's own, plus these that it leaves alone.
 IGNORED_OPS = ("prepare", "migrate", "restore")
+PLAN_OPS = (*sorted(QEMU_APPLY), *sorted(QEMU_CLEANUP), *IGNORED_OPS)
 
 
 def _read_file(path: str, what: str) -> bytes:
@@ -34,9 +35,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .policy import Config, load_config
 
     op = args.op
-    if op not in APPLY_OPS + CLEANUP_OPS + IGNORED_OPS:
-        raise NetplugError(f"unknown --op {op!r}; use one of "
-                           f"{', '.join(APPLY_OPS + CLEANUP_OPS + IGNORED_OPS)}")
+    if op not in PLAN_OPS:
+        raise NetplugError(f"unknown --op {op!r}; use one of {', '.join(PLAN_OPS)}")
     domain = parse_domain(_read_file(args.domain_xml, "domain XML"))
     networks = {}
     for path in args.network_xml:
@@ -46,9 +46,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # read only when named, so the same inputs always give the same plan.
     config = load_config(args.config) if args.config else Config()
     intents = bridge_intents(domain, networks, config)
-    if op in APPLY_OPS:
+    if op in QEMU_APPLY:
         plan = plan_ports(intents, None)
-    elif op in CLEANUP_OPS:
+    elif op in QEMU_CLEANUP:
         records = {it.tap: {"domain": it.domain, "interface": it.ctx.interface, "mac": it.mac,
                             "bridge": it.bridge, "network": it.network, "flags": True,
                             "fdb": [[it.mac, None]]}

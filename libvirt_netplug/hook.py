@@ -80,8 +80,6 @@ def _networks_for(ctx: _Context, domain) -> dict:
 
 
 def _apply_domain(ctx: _Context, domain, op: str) -> None:
-    from .apply import apply, observe, record_ports
-    from .kernel import NetlinkKernel
     from .plan import bridge_intents, plan_ports
 
     intents = bridge_intents(domain, _networks_for(ctx, domain), ctx.config)
@@ -97,6 +95,10 @@ def _apply_domain(ctx: _Context, domain, op: str) -> None:
             for n in plan_ports(intents, None).notes:
                 ctx.note(n)
             return
+        # Only a domain with managed (or previously managed) ports pays for netlink.
+        from .apply import apply, observe, record_ports
+        from .kernel import NetlinkKernel
+
         with NetlinkKernel() as kernel:
             bridges = {it.bridge for it in managed} | {
                 r.get("bridge") for r in record.get("ports", {}).values()}
@@ -167,9 +169,9 @@ def _qemu(ctx: _Context, name: str, op: str, data: bytes) -> None:
     _apply_domain(ctx, domain, op)
 
 
-def _port_records(ctx: _Context, owner: str | None, mac: str, network: str) -> dict:
-    rec = ctx.state.domain(owner) if owner else {"ports": {}}
-    return {tap: r for tap, r in rec.get("ports", {}).items()
+def _port_records(record: dict, mac: str, network: str) -> dict:
+    """The ports of a domain's state record that belong to this libvirt network port."""
+    return {tap: r for tap, r in record.get("ports", {}).items()
             if r.get("mac") == mac and r.get("network") == network}
 
 
@@ -248,7 +250,7 @@ def _replug(ctx: _Context, port) -> None:
         return
     with ctx.state.lock():
         record = ctx.state.domain(port.owner_name)
-        known = _port_records(ctx, port.owner_name, port.mac, port.network.name)
+        known = _port_records(record, port.mac, port.network.name)
         if not known:
             return  # a new port: the qemu start hook manages it once the tap exists
         intents = []
@@ -282,12 +284,12 @@ def _unplug(ctx: _Context, port) -> None:
     if not port.owner_name:
         return
     with ctx.state.lock():
-        known = _port_records(ctx, port.owner_name, port.mac, port.network.name)
+        record = ctx.state.domain(port.owner_name)
+        known = _port_records(record, port.mac, port.network.name)
         if not known:
             return
         with NetlinkKernel() as kernel:
             _cleanup_records(ctx, kernel, known)
-        record = ctx.state.domain(port.owner_name)
         for tap in known:
             record["ports"].pop(tap, None)
         ctx.state.put_domain(port.owner_name, record)

@@ -37,7 +37,6 @@ class Link:
     flood: bool | None = None
     vlan_filtering: bool | None = None  # bridges only; None: the kernel cannot do it
     macvlan_mode: str | None = None
-    nopromisc: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,6 @@ class FdbEntry:
     vlan: int | None
     state: str  # "permanent" (host-local), "static" (NUD_NOARP) or "dynamic" (learned)
     sticky: bool = False
-    self_entry: bool = False  # NTF_SELF: the device's own uc/mc list, not the bridge table
     extern_learn: bool = False
 
     def sort_key(self) -> tuple:
@@ -84,7 +82,6 @@ class Kernel(Protocol):
 SIOCADDMULTI = 0x8931
 SIOCDELMULTI = 0x8932
 _IFREQ_HWADDR = struct.Struct("=16sH14s")
-MACVLAN_FLAG_NOPROMISC = 1
 
 
 def _fdb_state(state: int, flags: int) -> str:
@@ -101,7 +98,7 @@ class NetlinkKernel:
     def __init__(self, timeout: float = 2.0):
         self._nl = nl.Netlink(timeout)
         self._ioctl_sock: socket.socket | None = None
-        self._names: dict[int, str] = {}  # ifindex -> name, from the last links()
+        self._names: dict[int, str] = {}  # ifindex -> name, from links() and bridge_ports()
 
     def close(self) -> None:
         self._nl.close()
@@ -154,7 +151,6 @@ class NetlinkKernel:
             allmulti_count=m.allmulti, bridge_port=m.slave_kind == "bridge",
             learning=m.learning, flood=m.unicast_flood, vlan_filtering=m.vlan_filtering,
             macvlan_mode=m.macvlan_mode,
-            nopromisc=bool((m.macvlan_flags or 0) & MACVLAN_FLAG_NOPROMISC),
         )
 
     # -- reads -------------------------------------------------------------------------
@@ -184,8 +180,11 @@ class NetlinkKernel:
     def bridge_ports(self, bridge: str) -> dict[str, Link]:
         """Every port of ``bridge``, with learning/flood, from one filtered link dump."""
         br = self._index("read bridge ports", bridge)
-        return {m.name: self._to_link(m, {br: bridge}) for m in self._link_dump(master=br)
-                if m.master == br}
+        ports = [m for m in self._link_dump(master=br) if m.master == br]
+        # fdb() of this bridge (the hook's next read) names its ports from these.
+        self._names.update({m.index: m.name for m in ports})
+        self._names[br] = bridge
+        return {m.name: self._to_link(m, {br: bridge}) for m in ports}
 
     def fdb(self, bridge: str, port: str | None = None) -> list[FdbEntry]:
         """The bridge's forwarding table (NTF_MASTER entries), optionally of one port only."""

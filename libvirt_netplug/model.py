@@ -82,9 +82,9 @@ class Interface:
     vlan_tag: int | None  # single untagged/native VLAN tag from <vlan>, if any
 
     @property
-    def label(self) -> str:
-        name = self.alias or f"#{self.index}"
-        return f"{name} ({self.mac})" if self.mac else name
+    def display_name(self) -> str:
+        """The alias libvirt gave the NIC, or its position when it has none."""
+        return self.alias or f"#{self.index}"
 
     @property
     def is_macvtap(self) -> bool:

@@ -64,7 +64,6 @@ IFLA_BRPORT_UNICAST_FLOOD = 9
 IFLA_BR_VLAN_FILTERING = 7
 IFLA_BR_VLAN_DEFAULT_PVID = 39
 IFLA_MACVLAN_MODE = 1
-IFLA_MACVLAN_FLAGS = 2
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 
 # Neighbour / FDB (linux/neighbour.h)
@@ -172,7 +171,6 @@ class LinkMsg(NamedTuple):
     unicast_flood: bool | None
     vlan_filtering: bool | None
     macvlan_mode: str | None
-    macvlan_flags: int | None
 
 
 class NeighMsg(NamedTuple):
@@ -199,7 +197,7 @@ def parse_link(buf: bytes, start: int, end: int) -> LinkMsg:
     address = master = link = promisc = allmulti = None
     kind = slave_kind = None
     learning = flood = vlan_filtering = None
-    mv_mode = mv_flags = None
+    mv_mode = None
     pos = start + _IFINFOMSG.size
     wanted = _LINK_WANTED
     while pos + 4 <= end:
@@ -225,14 +223,7 @@ def parse_link(buf: bytes, start: int, end: int) -> LinkMsg:
             allmulti = _U32.unpack_from(buf, a)[0]
         elif t == IFLA_LINKINFO:
             info_data = slave_data = None
-            p2 = a
-            while p2 + 4 <= b:
-                l2, t2 = unpack(buf, p2)
-                if l2 < 4:
-                    break
-                t2 &= NLA_TYPE_MASK
-                a2, b2 = p2 + 4, p2 + l2
-                p2 += (l2 + 3) & ~3
+            for t2, a2, b2 in iter_nla(buf, a, b):  # at most four children
                 if t2 == IFLA_INFO_KIND:
                     kind = buf[a2:b2].rstrip(b"\0").decode()
                 elif t2 == IFLA_INFO_SLAVE_KIND:
@@ -257,8 +248,6 @@ def parse_link(buf: bytes, start: int, end: int) -> LinkMsg:
                 for t3, a3, _b3 in iter_nla(buf, *info_data):
                     if t3 == IFLA_MACVLAN_MODE:
                         mv_mode = MACVLAN_MODES.get(_U32.unpack_from(buf, a3)[0], "unknown")
-                    elif t3 == IFLA_MACVLAN_FLAGS:
-                        mv_flags = _U16.unpack_from(buf, a3)[0]
             if slave_data and slave_kind == "bridge":
                 # Every guest tap is a bridge port: this loop runs once per tap per run.
                 p3, b3 = slave_data
@@ -275,7 +264,7 @@ def parse_link(buf: bytes, start: int, end: int) -> LinkMsg:
                         break  # the other ~40 port attributes are not ours to read
                     p3 += (l3 + 3) & ~3
     return LinkMsg(index, name, flags, address, master, link, promisc, allmulti, kind,
-                   slave_kind, learning, flood, vlan_filtering, mv_mode, mv_flags)
+                   slave_kind, learning, flood, vlan_filtering, mv_mode)
 
 
 def parse_neigh(buf: bytes, start: int, end: int) -> NeighMsg | None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import errno
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TYPE_CHECKING
 
 from .errors import NotSupported
-from .kernel import Kernel
+
+if TYPE_CHECKING:  # annotations only: the hook loads netlink only when it has work
+    from .kernel import Kernel
 
 
 @dataclass(frozen=True)

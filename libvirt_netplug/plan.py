@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, TYPE_CHECKING
 
-from .kernel import FdbEntry, Link
 from .model import Domain, Interface, Network
 from .ops import Context, DeleteFdb, Operation, ReplaceFdb, SetPortFlags, SetVlanFiltering
 from .policy import Config, Policy
+
+if TYPE_CHECKING:  # annotations only: the hook loads netlink only when it has work
+    from .kernel import FdbEntry, Link
 
 DEFAULT_PVID = 1
 
@@ -51,7 +53,7 @@ class PortIntent:
 
     @property
     def ctx(self) -> Context:
-        return Context(self.domain, self.interface.alias or f"#{self.interface.index}",
+        return Context(self.domain, self.interface.display_name,
                        self.interface.mac, self.bridge, self.network)
 
     def to_json(self) -> dict[str, Any]:
@@ -68,21 +70,20 @@ class Observed:
     links: Mapping[str, Link]
     fdb: Mapping[str, Sequence[FdbEntry]]
 
-    @cached_property
-    def _by_mac(self) -> dict[tuple[str, str], list[FdbEntry]]:
+    def _index(self, key: str) -> dict[tuple[str, str], list[FdbEntry]]:
         index: dict[tuple[str, str], list[FdbEntry]] = {}
         for bridge, entries in self.fdb.items():
             for e in entries:
-                index.setdefault((bridge, e.mac), []).append(e)
+                index.setdefault((bridge, getattr(e, key)), []).append(e)
         return index
 
     @cached_property
+    def _by_mac(self) -> dict[tuple[str, str], list[FdbEntry]]:
+        return self._index("mac")
+
+    @cached_property
     def _by_port(self) -> dict[tuple[str, str], list[FdbEntry]]:
-        index: dict[tuple[str, str], list[FdbEntry]] = {}
-        for bridge, entries in self.fdb.items():
-            for e in entries:
-                index.setdefault((bridge, e.port), []).append(e)
-        return index
+        return self._index("port")
 
     def entries_for_mac(self, bridge: str, mac: str) -> list[FdbEntry]:
         """Indexed: reconcile looks up thousands of ports against thousands of entries."""
@@ -268,9 +269,9 @@ def plan_cleanup(records: Mapping[str, Mapping[str, Any]], observed: Observed | 
         ctx = Context(rec.get("domain"), rec.get("interface"), rec.get("mac"), rec.get("bridge"),
                       rec.get("network"))
         entries = [(m, v) for m, v in rec.get("fdb", [])]
+        saved = rec.get("saved") or [True, True]  # learning/flood before netplug
         if observed is None:
             if rec.get("flags"):
-                saved = rec.get("saved") or [True, True]
                 ops.append(SetPortFlags(ctx, tap, saved[0], saved[1]))
             ops.extend(DeleteFdb(ctx, tap, m, v) for m, v in entries)
             continue
@@ -278,7 +279,6 @@ def plan_cleanup(records: Mapping[str, Mapping[str, Any]], observed: Observed | 
         if link is None or link.index != rec.get("ifindex") or link.master != rec.get("bridge"):
             continue
         if rec.get("flags"):
-            saved = rec.get("saved") or [True, True]
             if (link.learning, link.flood) != (saved[0], saved[1]):
                 ops.append(SetPortFlags(ctx, tap, saved[0], saved[1], link.learning, link.flood))
         present = {(e.mac, e.vlan) for e in observed.entries_on_port(rec.get("bridge"), tap)

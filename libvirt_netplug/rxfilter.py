@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TYPE_CHECKING
 
 from .errors import InputError
-from .kernel import Link
 from .model import Domain, Interface, Network
 from .ops import (AddMulticast, AddUnicast, Context, DelMulticast, DelUnicast, Operation,
                   SetAddress, SetAllmulti, SetPromisc)
 from .plan import Note, iface_policy
 from .policy import Config, Policy
+
+if TYPE_CHECKING:  # annotations only: the hook loads netlink only when it has work
+    from .kernel import Link
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ class MacvtapIntent:
 
     @property
     def ctx(self) -> Context:
-        return Context(self.domain, self.interface.alias or f"#{self.interface.index}",
+        return Context(self.domain, self.interface.display_name,
                        self.interface.mac, network=self.network, lower=self.lower)
 
     def to_json(self) -> dict[str, Any]:

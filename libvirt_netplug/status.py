@@ -77,10 +77,6 @@ def _record_mtime(state: StateDir, name: str) -> float | None:
         return None
 
 
-def _label(iface: Interface) -> str:
-    return iface.alias or f"#{iface.index}"
-
-
 def _problems_for(ds: DomainSync, label: str, mac: str | None) -> tuple[str, ...]:
     # Notes name the interface through Context.describe(): "domain D, interface I, mac M…".
     key = f"interface {label}, "
@@ -90,7 +86,7 @@ def _problems_for(ds: DomainSync, label: str, mac: str | None) -> tuple[str, ...
 
 def _bridge_row(ds: DomainSync, it: PortIntent, observed: Observed | None,
                 records: dict[str, Any], mtime: float | None) -> Row:
-    label = _label(it.interface)
+    label = it.interface.display_name
     row = Row(ds.name, True, label, it.interface.type, it.mac, it.network, it.bridge, None,
               None, it.tap, it.managed, it.reason, it.policy.to_json())
     link = observed.links.get(it.tap) if observed and it.tap else None
@@ -112,7 +108,7 @@ def _bridge_row(ds: DomainSync, it: PortIntent, observed: Observed | None,
 
 def _macvtap_row(ds: DomainSync, it: MacvtapIntent, records: dict[str, Any],
                  mtime: float | None) -> Row:
-    label = _label(it.interface)
+    label = it.interface.display_name
     row = Row(ds.name, True, label, it.interface.type, it.interface.mac, it.network, None,
               it.lower, it.mode, it.dev, it.managed, it.reason, it.policy.to_json())
     ops = [op for op in ds.ops if op.device == it.dev] if it.dev else []
@@ -139,7 +135,7 @@ def _macvtap_row(ds: DomainSync, it: MacvtapIntent, records: dict[str, Any],
 
 
 def _other_row(ds: DomainSync, iface: Interface) -> Row:
-    return Row(ds.name, True, _label(iface), iface.type, iface.mac, iface.source_network,
+    return Row(ds.name, True, iface.display_name, iface.type, iface.mac, iface.source_network,
                iface.source_bridge, iface.source_dev, None, iface.target, False,
                "netplug does not manage this interface type", {}, state="unmanaged")
 
