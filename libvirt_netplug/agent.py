@@ -461,7 +461,7 @@ class AgentMetrics:
         self._last_write = float("-inf")
         self._warned = False
 
-    def update(self, report: SyncReport, state: StateDir, full: bool) -> None:
+    def update(self, report: SyncReport, full: bool) -> None:
         from . import metrics
 
         if full:
@@ -473,15 +473,9 @@ class AgentMetrics:
                 self._domains.pop(ds.name, None)
             self._rx.pop(ds.name, None)
             if ds.running and any(i.managed for i in ds.macvtap_intents):
-                try:
-                    rec = state.domain(ds.name)
-                except NetplugError as e:
-                    log.warning("metrics: %s", e)
-                    continue
-                self._rx[ds.name] = {
-                    (ds.name, r.get("interface") or "", dev, kind): len(r.get(key) or [])
-                    for dev, r in sorted((rec.get("rx") or {}).items())
-                    for kind, key in (("multicast", "mc"), ("unicast", "uc"))}
+                # The record as the run just wrote it (no second read of the file).
+                self._rx[ds.name] = metrics.rx_entries_of(ds.name,
+                                                          report.records.get(ds.name, {}))
         run = metrics.run_metrics(report, source="agent")
         everything = SyncReport(dry_run=False, domains=list(self._domains.values()))
         total = metrics.run_metrics(everything, source="agent")
@@ -824,7 +818,7 @@ class Agent:
         if names is None and not self.ready.is_set():
             self.ready.set()
         if self.metrics:
-            self.metrics.update(report, self.state, full=names is None)
+            self.metrics.update(report, full=names is None)
             self.metrics.write()
 
     def _after_error(self, why: str) -> None:

@@ -20,7 +20,7 @@ import os
 import time
 from collections import Counter as _Tally
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from .errors import NetplugError
 
@@ -83,14 +83,19 @@ def _rx_entries(state, names: Iterable[str]) -> dict[tuple[str, str, str, str], 
     out = {}
     for name in names:
         try:
-            rec = state.domain(name)
+            out.update(rx_entries_of(name, state.domain(name)))
         except NetplugError as e:
             log.warning("metrics: %s", e)
-            continue
-        for dev, r in sorted((rec.get("rx") or {}).items()):
-            iface = r.get("interface") or ""
-            out[(name, iface, dev, "multicast")] = len(r.get("mc") or [])
-            out[(name, iface, dev, "unicast")] = len(r.get("uc") or [])
+    return out
+
+
+def rx_entries_of(name: str, record: Mapping[str, Any]) -> dict[tuple[str, str, str, str], int]:
+    """One domain's programmed entries per macvtap and list, from its state record."""
+    out = {}
+    for dev, r in sorted((record.get("rx") or {}).items()):
+        iface = r.get("interface") or ""
+        out[(name, iface, dev, "multicast")] = len(r.get("mc") or [])
+        out[(name, iface, dev, "unicast")] = len(r.get("uc") or [])
     return out
 
 

@@ -61,8 +61,8 @@ class SyncReport:
     errors: list[tuple[Operation, NetplugError]] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
     observed: Observed | None = None
-    # State records as read under the lock (the selected ones under ``only``); a dry run
-    # leaves them as read, so status and doctor need not read them again.
+    # State records of the run (the selected ones under ``only``): as read under the lock for
+    # a dry run (status and doctor need not read them again), as written otherwise.
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     elapsed: float = 0.0
     rx_query_seconds: float = 0.0  # of elapsed: asking QEMU, before the lock
@@ -218,6 +218,7 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
                 rec["ports"], rec["rx"] = {}, {}
             if rec != before:
                 state.put_domain(ds.name, rec)
+            records[ds.name] = rec
     report.elapsed = time.monotonic() - t0
     return report
 
