@@ -373,16 +373,10 @@ class LibvirtSession:
         Asking one NIC by name is what its event needs: a smaller reply, and the domain's
         other NICs (e.g. the ones libvirt syncs with trustGuestRxFilters='yes') are left for
         whoever listens to their events."""
-        libvirt = self._libvirt
         key = domain.uuid or domain.name
         dom = self._handles.get(key)
         if dom is None:
-            try:
-                dom = (self.conn.lookupByUUIDString(domain.uuid) if domain.uuid
-                       else self.conn.lookupByName(domain.name))
-            except libvirt.libvirtError as e:
-                raise NetplugError(f"domain {domain.name}: {e.get_error_message()}") from None
-            self._handles[key] = dom
+            dom = self._handles[key] = self._io.lookup_domain(self.conn, domain)
         try:
             if nics is None:
                 # One call for every NIC of the domain; it also re-arms QEMU's event for each.
@@ -549,6 +543,18 @@ class AgentOptions:
 
 def _rx_only(reasons: Iterable[str]) -> bool:
     return all(r.split(" ", 1)[0] == RX_EVENT for r in reasons)
+
+
+def _named_nics(reasons: Iterable[str]) -> frozenset[str] | None:
+    """The NICs that RX-filter reasons ("rx-filter net1", see rx_reason) name; None when one
+    of them names none."""
+    nics = set()
+    for r in reasons:
+        nic = r.partition(" ")[2]
+        if not nic:
+            return None
+        nics.add(nic)
+    return frozenset(nics)
 
 
 class _Backoff:
@@ -732,8 +738,8 @@ class Agent:
         if not _rx_only(reasons) or name not in self._synced:
             return True
         managed = self._rx_managed.get(name, frozenset())
-        nics = {r.split(" ", 1)[1] for r in reasons if " " in r}
-        if len(nics) < len(reasons):  # an event that did not name its NIC
+        nics = _named_nics(reasons)
+        if nics is None:  # an event that did not name its NIC
             return bool(managed)
         return bool(nics & managed)
 
@@ -742,9 +748,9 @@ class Agent:
         A domain with an event that named no NIC is left out: all its NICs get asked."""
         out = {}
         for name, rs in reasons.items():
-            nics = {r.split(" ", 1)[1] for r in rs if " " in r}
-            if len(nics) == len(rs):
-                out[name] = frozenset(nics & self._rx_managed.get(name, frozenset()))
+            nics = _named_nics(rs)
+            if nics is not None:
+                out[name] = nics & self._rx_managed.get(name, frozenset())
         return out
 
     def _sync(self, names: list[str] | None, cached: bool = False,

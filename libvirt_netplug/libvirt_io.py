@@ -150,15 +150,21 @@ def query_rx_filters(dom, nic: str | None = None) -> dict[str, RxFilter]:
     return parse_rx_filter_reply(reply)
 
 
+def lookup_domain(conn, domain: Domain):
+    """libvirt's handle for a domain of ours: by UUID when the XML had one (a name can be
+    reused by a later domain), else by name; NetplugError when it is gone."""
+    libvirt = load_libvirt()
+    try:
+        return (conn.lookupByUUIDString(domain.uuid) if domain.uuid
+                else conn.lookupByName(domain.name))
+    except libvirt.libvirtError as e:
+        raise NetplugError(f"domain {domain.name}: {e.get_error_message()}") from None
+
+
 def rx_source_for(conn):
     """An RxSource (see sync.py) that asks QEMU through this connection."""
-    libvirt = load_libvirt()
 
     def source(domain: Domain) -> Mapping[str, RxFilter] | None:
-        try:
-            dom = conn.lookupByName(domain.name)
-        except libvirt.libvirtError as e:
-            raise NetplugError(f"domain {domain.name}: {e.get_error_message()}") from None
-        return query_rx_filters(dom)
+        return query_rx_filters(lookup_domain(conn, domain))
 
     return source

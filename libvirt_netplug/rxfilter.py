@@ -172,12 +172,12 @@ def macvtap_intents(domain: Domain, networks: Mapping[str, Network],
     out = []
     for iface in domain.interfaces:
         net = networks.get(iface.source_network or "") if iface.type == "network" else None
-        if iface.type == "direct":
-            pass
-        elif iface.type == "network" and (net is not None and net.uses_macvtap or
-                                          iface.source_bridge is None and iface.source_dev):
-            pass
-        else:
+        # type='direct', or a network whose forward mode puts guests on macvtaps (known from
+        # the network, or from the live XML's <source dev> without a bridge).
+        on_macvtap = iface.type == "direct" or iface.type == "network" and (
+            net is not None and net.uses_macvtap or
+            iface.source_bridge is None and iface.source_dev)
+        if not on_macvtap:
             continue
         lower = iface.source_dev
         policy = config.direct_policy(lower)

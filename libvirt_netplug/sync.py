@@ -272,7 +272,8 @@ def _plan_domain_rx(ds: DomainSync, records: Mapping[str, Any], observed: Observ
         ds.ops += rp.ops
         ds.notes += rp.notes
         new_records[it.dev] = dict(rp.record)
+    keep = _rx_records_to_keep(ds.macvtap_intents)
     for dev, rec in sorted(records.items()):
-        if dev not in _rx_records_to_keep(ds.macvtap_intents):
+        if dev not in keep:
             ds.ops += plan_rx_cleanup(dev, rec, observed.links.get(dev), addresses.get(dev))
     return new_records
