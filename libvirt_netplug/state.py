@@ -134,14 +134,17 @@ class StateDir:
     def domain(self, name: str) -> dict[str, Any]:
         return self._read("domains", name) or {"domain": name, "ports": {}, "rx": {}}
 
+    def domain_mtime(self, name: str) -> float | None:
+        """When the record of ``name`` was last written (None: there is none)."""
+        try:
+            return os.stat(os.path.join(self.path, "domains", _fname(name))).st_mtime
+        except OSError:
+            return None
+
     def domain_changed_since(self, name: str, when: float | None) -> bool:
         """Whether the record of ``name`` was written after ``when`` (a time.time())."""
-        if when is None:
-            return False
-        try:
-            return os.stat(os.path.join(self.path, "domains", _fname(name))).st_mtime > when
-        except FileNotFoundError:
-            return False
+        mtime = self.domain_mtime(name) if when is not None else None
+        return mtime is not None and mtime > when
 
     def domains(self) -> dict[str, dict[str, Any]]:
         return {n: rec for n in self._names("domains") if (rec := self._read("domains", n))}

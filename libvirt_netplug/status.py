@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -65,16 +64,6 @@ def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _record_mtime(state: StateDir, name: str) -> float | None:
-    from urllib.parse import quote
-
-    try:
-        return os.stat(os.path.join(state.path, "domains", quote(name, safe="") + ".json")
-                       ).st_mtime
-    except OSError:
-        return None
 
 
 def _problems_for(ds: DomainSync, label: str, mac: str | None) -> tuple[str, ...]:
@@ -165,7 +154,7 @@ def build_rows(report: SyncReport, inputs: Inputs, state: StateDir) -> list[Row]
     rows: list[Row] = []
     for ds in report.domains:
         rec = records.get(ds.name, {})
-        mtime = _record_mtime(state, ds.name) if rec else None
+        mtime = state.domain_mtime(ds.name) if rec else None
         if not ds.running:
             rows += _retired_rows(ds, rec, mtime)
             continue
