@@ -13,7 +13,9 @@ Stdlib and the package's public value types only (Link, FdbEntry, the exceptions
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
+import os
 from dataclasses import dataclass, field, replace
 from xml.sax.saxutils import quoteattr
 
@@ -440,3 +442,16 @@ def tap_mac(guest: str) -> str:
     """libvirt's tap address for a guest MAC: same tail, first byte 0xfe."""
     return "fe" + guest[2:]
 
+
+
+def state_lock_held(state_dir: str) -> bool:
+    """Whether someone holds netplug's state lock right now (a non-blocking flock probe)."""
+    os.makedirs(state_dir, exist_ok=True)
+    fd = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

@@ -8,15 +8,13 @@ the queue. One test drives the real LibvirtSession through libvirt's in-process 
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import threading
 import time
 
 import pytest
 
-from fakes import FakeKernel, bridge_iface, domain_xml, iface, policy_xml
+from fakes import FakeKernel, bridge_iface, domain_xml, iface, policy_xml, state_lock_held
 from polling import wait_for
 from libvirt_netplug.agent import Agent, AgentOptions, WorkQueue, lifecycle_reason, rx_reason
 from libvirt_netplug.errors import NetplugError
@@ -544,17 +542,8 @@ def test_qemu_is_asked_outside_the_state_lock(world, state, monkeypatch):
     held = []
     query = FakeSession.rx_filters
 
-    os.makedirs(state.path, exist_ok=True)
-
     def rx_filters(self, domain, nics=None):
-        fd = os.open(os.path.join(state.path, "lock"), os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held.append(False)
-        except BlockingIOError:
-            held.append(True)
-        finally:
-            os.close(fd)
+        held.append(state_lock_held(state.path))
         return query(self, domain, nics)
 
     monkeypatch.setattr(FakeSession, "rx_filters", rx_filters)

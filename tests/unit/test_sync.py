@@ -3,13 +3,11 @@ collector and always give it back."""
 
 from __future__ import annotations
 
-import fcntl
 import gc
-import os
 
 import pytest
 
-from fakes import FakeKernel, bridge_iface, domain_xml, iface, policy_xml
+from fakes import FakeKernel, bridge_iface, domain_xml, iface, policy_xml, state_lock_held
 from libvirt_netplug.errors import NetplugError
 from libvirt_netplug.model import parse_domain
 from libvirt_netplug.policy import Config
@@ -111,18 +109,10 @@ def test_qemu_is_asked_before_the_state_lock_and_a_failure_is_per_domain(state_p
         k.add(f"mvt{n}", "macvtap", address=MVT_MAC, up=True, lower="low0",
               macvlan_mode="bridge")
     state = StateDir(str(state_path))
-    os.makedirs(state.path, exist_ok=True)
     lock_held = []
 
     def rx_source(domain):
-        fd = os.open(os.path.join(state.path, "lock"), os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            lock_held.append(False)
-        except BlockingIOError:
-            lock_held.append(True)
-        finally:
-            os.close(fd)
+        lock_held.append(state_lock_held(state.path))
         if domain.name == "vm2":
             raise NetplugError("query-rx-filter: domain is not running")
         return {"net0": RxFilter("net0", MVT_MAC, multicast_table=(GROUP,))}
