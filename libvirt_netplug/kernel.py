@@ -58,11 +58,83 @@ class FdbEntry:
         return self.sort_key() < other.sort_key()
 
 
+@dataclass(frozen=True)
+class PortVlans:
+    """The VLANs a bridge port is a member of (bridge VLAN filtering's per-port table)."""
+
+    vids: frozenset[int]
+    pvid: int | None = None
+    untagged: frozenset[int] = frozenset()
+
+
 class Kernel(Protocol):
     def links(self) -> dict[str, Link]: ...
     def link(self, name: str) -> Link: ...
     def bridge_ports(self, bridge: str) -> dict[str, Link]: ...
     def fdb(self, bridge: str, port: str | None = None) -> list[FdbEntry]: ...
+    def fdb_get(self, bridge: str, mac: str, vlan: int | None = None) -> FdbEntry | None: ...
+    def port_vlans(self, port: str) -> PortVlans: ...
+    def all_port_vlans(self) -> dict[str, PortVlans]: ...
+    def fdb_get(self, bridge: str, mac: str, vlan: int | None = None) -> FdbEntry | None:
+        """The bridge's entry for (mac, vlan) on whatever port it is, or None: one request
+        (what `bridge fdb get MAC br BR [vlan V]` does), whatever the size of the table."""
+        br = self._index("read fdb entry", bridge)
+        body = nl.ndmsg(nl.AF_BRIDGE, 0, 0, 0) + nl.nla(nl.NDA_LLADDR, nl.mac_bytes(mac)) + \
+            nl.nla_u32(nl.NDA_MASTER, br)
+        if vlan is not None:
+            body += nl.nda_vlan(vlan)
+        try:
+            buf, a, b = self._nl.get(nl.RTM_GETNEIGH, body)
+        except nl.NetlinkError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise kernel_error(f"read fdb entry {mac}", bridge, e.errno) from e
+        n = nl.parse_neigh(buf, a, b)
+        if n is None:
+            return None
+        if n.ifindex == br:
+            port = bridge
+        else:
+            port = self._names.get(n.ifindex)
+            if port is None:
+                try:
+                    port = socket.if_indextoname(n.ifindex)
+                except OSError:
+                    return None  # the port vanished while we asked
+                self._names[n.ifindex] = port
+        return FdbEntry(port, n.mac, n.vlan, _fdb_state(n.state, n.flags),
+                        sticky=bool(n.flags & nl.NTF_STICKY),
+                        extern_learn=bool(n.flags & nl.NTF_EXT_LEARNED))
+
+    def _vlan_dump(self, op: str, device: str, ifindex: int) -> list[nl.VlanMsg]:
+        try:
+            msgs = self._nl.dump(nl.RTM_GETVLAN, nl.br_vlan_msg(ifindex))
+        except nl.NetlinkError as e:
+            raise kernel_error(op, device, e.errno) from e
+        return [nl.parse_vlan(buf, a, b) for t, buf, a, b in msgs if t == nl.RTM_NEWVLAN]
+
+    def port_vlans(self, port: str) -> PortVlans:
+        """The VLANs ``port`` is in (empty without any): one filtered RTM_GETVLAN dump.
+        NotSupported on kernels without bridge VLAN filtering."""
+        idx = self._index("read port vlans", port)
+        for m in self._vlan_dump("read port vlans", port, idx):
+            if m.ifindex == idx:
+                return PortVlans(m.vids, m.pvid, m.untagged)
+        return PortVlans(frozenset())
+
+    def all_port_vlans(self) -> dict[str, PortVlans]:
+        """Every device's VLANs in one dump (reconcile), by name (``links()`` names them)."""
+        out = {}
+        for m in self._vlan_dump("read port vlans", "all links", 0):
+            name = self._names.get(m.ifindex)
+            if name is None:
+                try:
+                    name = socket.if_indextoname(m.ifindex)
+                except OSError:
+                    continue
+            out[name] = PortVlans(m.vids, m.pvid, m.untagged)
+        return out
+
     def device_addresses(self, dev: str) -> tuple[list[str], list[str]]: ...
     def replace_fdb(self, port: str, mac: str, vlan: int | None = None,
                     sticky: bool = False) -> None: ...
@@ -169,6 +241,7 @@ class NetlinkKernel:
         except nl.NetlinkError as e:
             raise kernel_error("read link", name, e.errno) from e
         m = nl.parse_link(buf, a, b)
+        self._names[m.index] = m.name
         names = {}
         if m.master:
             try:
@@ -202,8 +275,10 @@ class NetlinkKernel:
                 continue
             n = nl.parse_neigh(buf, a, b)
             # Bridge-table entries carry NDA_MASTER (the dump does not set NTF_MASTER);
-            # entries without it are the port device's own uc/mc lists ("self").
-            if n is None or n.master != br or n.ifindex == br:
+            # entries without it are the port device's own uc/mc lists ("self"). Entries on
+            # the bridge device itself are its host-local addresses: kept (port = the bridge),
+            # so nobody can claim the host's own MAC for a guest.
+            if n is None or n.master != br:
                 continue
             if port_index and n.ifindex != port_index:
                 continue
@@ -216,6 +291,66 @@ class NetlinkKernel:
                                 sticky=bool(n.flags & nl.NTF_STICKY),
                                 extern_learn=bool(n.flags & nl.NTF_EXT_LEARNED)))
         return sorted(out, key=FdbEntry.sort_key)
+
+    def fdb_get(self, bridge: str, mac: str, vlan: int | None = None) -> FdbEntry | None:
+        """The bridge's entry for (mac, vlan) on whatever port it is, or None: one request
+        (what `bridge fdb get MAC br BR [vlan V]` does), whatever the size of the table."""
+        br = self._index("read fdb entry", bridge)
+        body = nl.ndmsg(nl.AF_BRIDGE, 0, 0, 0) + nl.nla(nl.NDA_LLADDR, nl.mac_bytes(mac)) + \
+            nl.nla_u32(nl.NDA_MASTER, br)
+        if vlan is not None:
+            body += nl.nda_vlan(vlan)
+        try:
+            buf, a, b = self._nl.get(nl.RTM_GETNEIGH, body)
+        except nl.NetlinkError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise kernel_error(f"read fdb entry {mac}", bridge, e.errno) from e
+        n = nl.parse_neigh(buf, a, b)
+        if n is None:
+            return None
+        if n.ifindex == br:
+            port = bridge
+        else:
+            port = self._names.get(n.ifindex)
+            if port is None:
+                try:
+                    port = socket.if_indextoname(n.ifindex)
+                except OSError:
+                    return None  # the port vanished while we asked
+                self._names[n.ifindex] = port
+        return FdbEntry(port, n.mac, n.vlan, _fdb_state(n.state, n.flags),
+                        sticky=bool(n.flags & nl.NTF_STICKY),
+                        extern_learn=bool(n.flags & nl.NTF_EXT_LEARNED))
+
+    def _vlan_dump(self, op: str, device: str, ifindex: int) -> list[nl.VlanMsg]:
+        try:
+            msgs = self._nl.dump(nl.RTM_GETVLAN, nl.br_vlan_msg(ifindex))
+        except nl.NetlinkError as e:
+            raise kernel_error(op, device, e.errno) from e
+        return [nl.parse_vlan(buf, a, b) for t, buf, a, b in msgs if t == nl.RTM_NEWVLAN]
+
+    def port_vlans(self, port: str) -> PortVlans:
+        """The VLANs ``port`` is in (empty without any): one filtered RTM_GETVLAN dump.
+        NotSupported on kernels without bridge VLAN filtering."""
+        idx = self._index("read port vlans", port)
+        for m in self._vlan_dump("read port vlans", port, idx):
+            if m.ifindex == idx:
+                return PortVlans(m.vids, m.pvid, m.untagged)
+        return PortVlans(frozenset())
+
+    def all_port_vlans(self) -> dict[str, PortVlans]:
+        """Every device's VLANs in one dump (reconcile), by name (``links()`` names them)."""
+        out = {}
+        for m in self._vlan_dump("read port vlans", "all links", 0):
+            name = self._names.get(m.ifindex)
+            if name is None:
+                try:
+                    name = socket.if_indextoname(m.ifindex)
+                except OSError:
+                    continue
+            out[name] = PortVlans(m.vids, m.pvid, m.untagged)
+        return out
 
     def device_addresses(self, dev: str) -> tuple[list[str], list[str]]:
         """A device's own unicast and multicast address lists (as in /proc/net/dev_mcast)."""
@@ -241,7 +376,7 @@ class NetlinkKernel:
         body = nl.ndmsg(nl.AF_BRIDGE, idx, nl.NUD_NOARP, flags) + nl.nla(
             nl.NDA_LLADDR, nl.mac_bytes(mac))
         if vlan is not None:
-            body += nl.nla_u16(nl.NDA_VLAN, vlan)
+            body += nl.nda_vlan(vlan)
         self._request(f"add fdb entry {mac}", port, nl.RTM_NEWNEIGH, body,
                       nl.NLM_F_CREATE | nl.NLM_F_REPLACE)
 
@@ -250,7 +385,7 @@ class NetlinkKernel:
         body = nl.ndmsg(nl.AF_BRIDGE, idx, 0, nl.NTF_MASTER) + nl.nla(
             nl.NDA_LLADDR, nl.mac_bytes(mac))
         if vlan is not None:
-            body += nl.nla_u16(nl.NDA_VLAN, vlan)
+            body += nl.nda_vlan(vlan)
         return self._request(f"delete fdb entry {mac}", port, nl.RTM_DELNEIGH, body,
                              ok=(errno.ENOENT,))
 
@@ -345,5 +480,5 @@ class NetlinkKernel:
         self._request(f"set address {mac}", dev, nl.RTM_NEWLINK, body)
 
 
-__all__ = ["Kernel", "NetlinkKernel", "Link", "FdbEntry", "DeviceGone", "KernelError",
+__all__ = ["Kernel", "NetlinkKernel", "Link", "FdbEntry", "PortVlans", "DeviceGone", "KernelError",
            "NotSupported"]

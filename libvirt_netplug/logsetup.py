@@ -38,6 +38,10 @@ def setup(component: str, stream: TextIO | None, level: int = logging.INFO,
                     address=path, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
             except OSError:
                 continue
+            # A datagram to a busy journald must never block the caller (a hook holding the
+            # state lock): a full socket drops the line instead.
+            if sh.socket is not None:
+                sh.socket.setblocking(False)
             sh.ident = f"libvirt-netplug[{os.getpid()}]: "
             sh.setFormatter(_OneLine(f"{component}: %(message)s"))
             root.addHandler(sh)

@@ -28,6 +28,8 @@ RTM_SETLINK = 19
 RTM_NEWNEIGH = 28
 RTM_DELNEIGH = 29
 RTM_GETNEIGH = 30
+RTM_NEWVLAN = 112
+RTM_GETVLAN = 114
 
 # Header flags (linux/netlink.h)
 NLM_F_REQUEST = 0x1
@@ -77,6 +79,14 @@ NTF_MASTER = 0x04
 NTF_EXT_LEARNED = 0x10
 NTF_STICKY = 0x40
 
+# Bridge VLAN database (linux/if_bridge.h; RTM_GETVLAN since 5.13)
+BRIDGE_VLANDB_ENTRY = 1
+BRIDGE_VLANDB_ENTRY_INFO = 1
+BRIDGE_VLANDB_ENTRY_RANGE = 2
+BRIDGE_VLAN_INFO_PVID = 0x2
+BRIDGE_VLAN_INFO_UNTAGGED = 0x4
+VLAN_VID_MAX = 4094  # 0 and 4095 are reserved (802.1Q)
+
 IFF_UP = 0x1
 IFF_PROMISC = 0x100
 IFF_ALLMULTI = 0x200
@@ -86,6 +96,8 @@ MACVLAN_MODES = {1: "private", 2: "vepa", 4: "bridge", 8: "passthru", 16: "sourc
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _NDMSG = struct.Struct("=BxxxiHBB")
+_BR_VLAN_MSG = struct.Struct("=BxxxI")
+_VLAN_INFO = struct.Struct("=HH")
 _NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
@@ -114,6 +126,14 @@ def nla_u8(kind: int, value: int) -> bytes:
 
 def nla_u16(kind: int, value: int) -> bytes:
     return nla(kind, _U16.pack(value))
+
+
+def nda_vlan(vlan: int) -> bytes:
+    """NDA_VLAN, range-checked here so no caller can send (or half-apply) a bad id: the
+    kernel refuses 0 and 4095, and struct would raise on anything past 65535."""
+    if not isinstance(vlan, int) or isinstance(vlan, bool) or not 1 <= vlan <= VLAN_VID_MAX:
+        raise ValueError(f"VLAN id {vlan!r} is out of range 1-{VLAN_VID_MAX}")
+    return nla_u16(NDA_VLAN, vlan)
 
 
 def nla_u32(kind: int, value: int) -> bytes:
@@ -148,6 +168,46 @@ def ifinfomsg(family: int = AF_UNSPEC, index: int = 0, flags: int = 0, change: i
 
 def ndmsg(family: int, ifindex: int, state: int, flags: int) -> bytes:
     return _NDMSG.pack(family, ifindex, state, flags, 0)
+
+
+def br_vlan_msg(ifindex: int = 0) -> bytes:
+    return _BR_VLAN_MSG.pack(AF_BRIDGE, ifindex)
+
+
+class VlanMsg(NamedTuple):
+    """An RTM_NEWVLAN: the VLANs one bridge port (or the bridge itself) is a member of."""
+
+    ifindex: int
+    vids: frozenset[int]
+    pvid: int | None
+    untagged: frozenset[int]
+
+
+def parse_vlan(buf: bytes, start: int, end: int) -> VlanMsg:
+    _family, ifindex = _BR_VLAN_MSG.unpack_from(buf, start)
+    vids: set[int] = set()
+    untagged: set[int] = set()
+    pvid = None
+    for t, a, b in iter_nla(buf, start + _BR_VLAN_MSG.size, end):
+        if t != BRIDGE_VLANDB_ENTRY:
+            continue
+        flags = first = None
+        last = None
+        for t2, a2, _b2 in iter_nla(buf, a, b):
+            if t2 == BRIDGE_VLANDB_ENTRY_INFO:
+                flags, first = _VLAN_INFO.unpack_from(buf, a2)
+            elif t2 == BRIDGE_VLANDB_ENTRY_RANGE:
+                last = _U16.unpack_from(buf, a2)[0]
+        if first is None:
+            continue
+        # Consecutive VLANs with the same flags arrive as one entry with a range end.
+        span = range(first, max(first, last or first) + 1)
+        vids.update(span)
+        if flags & BRIDGE_VLAN_INFO_UNTAGGED:
+            untagged.update(span)
+        if flags & BRIDGE_VLAN_INFO_PVID:
+            pvid = first
+    return VlanMsg(ifindex, frozenset(vids), pvid, frozenset(untagged))
 
 
 class LinkMsg(NamedTuple):

@@ -59,7 +59,8 @@ class Operation:
         return f"{self.what()} [{self.ctx.describe()}]"
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "ctx" and not k.startswith("prev")}
+        d = {k: v for k, v in asdict(self).items() if k != "ctx" and not k.startswith("prev")
+             and not (k == "also_vlans" and not v)}
         return {"action": self.kind, **d, "context": {k: v for k, v in asdict(self.ctx).items()
                                                        if v is not None}}
 
@@ -75,12 +76,22 @@ class ReplaceFdb(Operation):
     mac: str
     vlan: int | None = None
     sticky: bool = False
+    # With no VLAN given, the kernel also creates the entry on every VLAN the port is in:
+    # these are those VLANs, as observed when planning (what the record will hold).
+    also_vlans: tuple[int, ...] = ()
     kind: ClassVar[str] = "fdb-replace"
 
     def what(self) -> str:
         vlan = f" vlan {self.vlan}" if self.vlan is not None else ""
+        if self.also_vlans:
+            vlan = f" (and on VLAN {', '.join(map(str, self.also_vlans))})"
         sticky = " sticky" if self.sticky else ""
         return f"add static{sticky} FDB entry {self.mac}{vlan} on {self.device}"
+
+    @property
+    def keys(self) -> tuple[tuple[str, int | None], ...]:
+        """The (MAC, VLAN) entries this operation makes."""
+        return ((self.mac, self.vlan), *((self.mac, v) for v in self.also_vlans))
 
     def run(self, kernel: Kernel) -> None:
         kernel.replace_fdb(self.device, self.mac, self.vlan, self.sticky)

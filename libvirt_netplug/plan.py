@@ -16,10 +16,7 @@ from .ops import Context, DeleteFdb, Operation, ReplaceFdb, SetPortFlags, SetVla
 from .policy import Config, Policy
 
 if TYPE_CHECKING:  # annotations only: the hook loads netlink only when it has work
-    from .kernel import FdbEntry, Link
-
-DEFAULT_PVID = 1
-
+    from .kernel import FdbEntry, Link, PortVlans
 
 @dataclass(frozen=True)
 class Note:
@@ -42,6 +39,12 @@ class PortIntent:
     policy: Policy
     managed: bool
     reason: str
+    # The policy could not be read (invalid config, network or domain policy): whatever is
+    # applied stays as recorded, nothing is added or removed (fail closed).
+    hold: bool = False
+    # MACs the guest uses besides its own (its RX filter's unicast table, policy 'unicast'):
+    # they get static entries on its tap too.
+    extra_macs: tuple[str, ...] = ()
 
     @property
     def tap(self) -> str | None:
@@ -57,40 +60,74 @@ class PortIntent:
                        self.interface.mac, self.bridge, self.network)
 
     def to_json(self) -> dict[str, Any]:
-        return {"interface": self.ctx.interface, "type": self.interface.type,
-                "mac": self.mac, "tap": self.tap, "bridge": self.bridge,
-                "network": self.network, "managed": self.managed, "reason": self.reason,
-                "policy": self.policy.to_json()}
+        out = {"interface": self.ctx.interface, "type": self.interface.type,
+               "mac": self.mac, "tap": self.tap, "bridge": self.bridge,
+               "network": self.network, "managed": self.managed, "reason": self.reason,
+               "policy": self.policy.to_json()}
+        if self.extra_macs:
+            out["extra_macs"] = list(self.extra_macs)
+        return out
+
+
+EntryKey = tuple  # (bridge, mac, vlan): the unit the kernel keys bridge FDB entries on
 
 
 @dataclass(frozen=True)
 class Observed:
-    """Kernel state the planner compares against: links by name, FDB entries by bridge."""
+    """Kernel state the planner compares against.
+
+    links     by name (the intents' taps and bridges, or every link for reconcile)
+    fdb       whole FDB dumps by bridge (reconcile); a hook reads none
+    entries   targeted lookups: (bridge, mac, vlan) -> the entry the bridge has for that key on
+              whatever port, or None (a hook asks only for the keys it plans)
+    vlans     port -> the VLANs it is in, for ports of bridges whose kernel has VLAN filtering
+    owners    tap -> the domain whose state record holds it (ports that matter to the plan)
+    """
 
     links: Mapping[str, Link]
-    fdb: Mapping[str, Sequence[FdbEntry]]
+    fdb: Mapping[str, Sequence[FdbEntry]] = field(default_factory=dict)
+    entries: Mapping[EntryKey, FdbEntry | None] = field(default_factory=dict)
+    vlans: Mapping[str, PortVlans] = field(default_factory=dict)
+    owners: Mapping[str, str] = field(default_factory=dict)
 
-    def _index(self, key: str) -> dict[tuple[str, str], list[FdbEntry]]:
-        index: dict[tuple[str, str], list[FdbEntry]] = {}
+    @cached_property
+    def _by_key(self) -> dict[EntryKey, FdbEntry]:
+        index: dict[EntryKey, FdbEntry] = {}
         for bridge, entries in self.fdb.items():
             for e in entries:
-                index.setdefault((bridge, getattr(e, key)), []).append(e)
+                index[(bridge, e.mac, e.vlan)] = e
         return index
 
     @cached_property
     def _by_mac(self) -> dict[tuple[str, str], list[FdbEntry]]:
-        return self._index("mac")
+        index: dict[tuple[str, str], list[FdbEntry]] = {}
+        for bridge, entries in self.fdb.items():
+            for e in entries:
+                index.setdefault((bridge, e.mac), []).append(e)
+        for (bridge, mac, _vlan), e in self.entries.items():
+            if e is not None and e not in index.get((bridge, mac), ()):
+                index.setdefault((bridge, mac), []).append(e)
+        return index
 
-    @cached_property
-    def _by_port(self) -> dict[tuple[str, str], list[FdbEntry]]:
-        return self._index("port")
+    def entry(self, bridge: str, mac: str, vlan: int | None) -> FdbEntry | None:
+        """The bridge's entry for (mac, vlan), on whatever port (indexed: reconcile looks up
+        thousands of ports against thousands of entries)."""
+        key = (bridge, mac, vlan)
+        if key in self.entries:
+            return self.entries[key]
+        return self._by_key.get(key)
 
     def entries_for_mac(self, bridge: str, mac: str) -> list[FdbEntry]:
-        """Indexed: reconcile looks up thousands of ports against thousands of entries."""
+        """Every entry seen for ``mac`` on ``bridge`` (any port, any VLAN)."""
         return self._by_mac.get((bridge, mac), [])
 
-    def entries_on_port(self, bridge: str, port: str) -> list[FdbEntry]:
-        return self._by_port.get((bridge, port), [])
+
+def tap_mac_of(guest_mac: str) -> str:
+    """The address libvirt gives a guest's tap (virNetDevTapCreateInBridgePort): the guest's
+    MAC with the first byte 0xfe, or 0xfa when the guest's own starts with 0xfe. A tap whose
+    address differs was not made by libvirt for this guest."""
+    first = "fa" if guest_mac[:2] == "fe" else "fe"
+    return first + guest_mac[2:]
 
 
 @dataclass(frozen=True)
@@ -120,9 +157,14 @@ def interface_bridge(iface: Interface, networks: Mapping[str, Network]) -> str |
     return None
 
 
-def bridge_intents(domain: Domain, networks: Mapping[str, Network],
-                   config: Config) -> list[PortIntent]:
-    """One intent per bridged interface (type='bridge', or type='network' on a bridge)."""
+def bridge_intents(domain: Domain, networks: Mapping[str, Network], config: Config, *,
+                   config_error: str | None = None) -> list[PortIntent]:
+    """One intent per bridged interface (type='bridge', or type='network' on a bridge).
+
+    ``config_error``: the config file is invalid. Every interface the config could decide
+    for is then held (kept as applied, never undone), not unmanaged: an operator's typo must
+    never turn isolation off for running guests.
+    """
     out = []
     for iface in domain.interfaces:
         if iface.type not in ("bridge", "network"):
@@ -132,22 +174,25 @@ def bridge_intents(domain: Domain, networks: Mapping[str, Network],
             continue  # a macvtap/hostdev network, or an unknown network without a bridge
         policy = config.bridge_policy(bridge)
         reason = ""
+        hold = False
         net = None
         # libvirt's live XML shows a port of a forward-mode='bridge' network as type='bridge'
         # with <source network=…>: its policy is the network's, whatever the type says.
         if iface.source_network:
             net = networks.get(iface.source_network)
-            if net is None and policy.is_empty():
+            if net is None and policy.is_empty() and config_error is None:
                 reason = (f"network {iface.source_network} has no recorded policy (netplug's "
                           f"network hook has not seen it start; run 'netplug reconcile')")
             elif net is not None and net.policy_error:
-                reason = f"invalid policy: {net.policy_error}"
+                reason, hold = f"invalid policy: {net.policy_error}", True
             elif net is not None:
                 policy = net.policy.over(policy)
                 if net.mac_table_manager == "libvirt":
                     reason = (f"libvirt manages the MAC table of network {net.name} "
                               f"(macTableManager='libvirt'); netplug stays hands-off")
         policy = iface_policy(domain, iface, policy)
+        if not reason and config_error is not None:
+            reason, hold = f"invalid config: {config_error}", True
         if not reason:
             if not policy.manages_bridge_port:
                 reason = ("policy does not say promiscLinks='no'" if policy.promisc_links is None
@@ -157,18 +202,29 @@ def bridge_intents(domain: Domain, networks: Mapping[str, Network],
             elif iface.target is None:
                 reason = "interface has no <target dev> yet (the tap does not exist)"
         out.append(PortIntent(domain.name, iface, bridge, iface.source_network,
-                              policy, managed=not reason, reason=reason or "managed"))
+                              policy, managed=not reason, reason=reason or "managed",
+                              hold=hold))
+    return out
+
+
+def held_intents(domain: str, records: Mapping[str, Mapping[str, Any]],
+                 reason: str) -> list[PortIntent]:
+    """Intents that keep every recorded port as it is: for a domain whose XML or policy
+    cannot be read (fail closed: nothing is added, nothing is undone)."""
+    out = []
+    for tap, rec in sorted(records.items()):
+        iface = Interface(index=0, type="bridge", mac=rec.get("mac"), target=tap,
+                          alias=rec.get("interface"), source_bridge=rec.get("bridge"),
+                          source_network=rec.get("network"), source_dev=None, source_mode=None,
+                          portid=None, model=None, trust_guest_rx_filters=False,
+                          vlan_tag=None)
+        out.append(PortIntent(domain, iface, rec.get("bridge"), rec.get("network"), Policy(),
+                              managed=False, reason=reason, hold=True))
     return out
 
 
 def iface_policy(domain: Domain, iface: Interface, base: Policy) -> Policy:
     return domain.interface_policy(iface.mac).over(domain.policy.over(base))
-
-
-def _fdb_vlan(bridge: Link | None, iface: Interface) -> int | None:
-    if bridge is not None and bridge.vlan_filtering:
-        return iface.vlan_tag or DEFAULT_PVID
-    return None
 
 
 def plan_vlan_filtering(bridge: str, link: Link | None, observed: bool = True
@@ -186,22 +242,108 @@ def plan_vlan_filtering(bridge: str, link: Link | None, observed: bool = True
     return [], []
 
 
+def entry_vlans(bridge_link: Link | None, vlans: PortVlans | None) -> tuple[int | None, ...]:
+    """The keys (VLANs) a guest's MAC needs entries for on its port.
+
+    The bridge looks entries up by (MAC, VID). Without VLAN filtering in the kernel there is
+    one key, no VLAN. With it, a frame is looked up on the VLAN it belongs to (an untagged
+    one on the port's PVID), so the guest's MAC needs an entry on every VLAN its port is in
+    — and on "no VLAN" (VID 0) too, which is the key while vlan_filtering is off: the bridge
+    keeps its port VLANs either way, so switching vlan_filtering on or off never cuts the
+    guest off.
+    """
+    if bridge_link is None or bridge_link.vlan_filtering is None:
+        return (None,)
+    return (None, *sorted(vlans.vids if vlans else ()))
+
+
+def _port_refusal(it: PortIntent, link: Link | None, bridge_link: Link | None,
+                  observed: Observed) -> str | None:
+    """Why netplug must not touch this tap for this guest (None: it may).
+
+    Only a tap libvirt made for this guest, enslaved to the bridge the XML names, and not held
+    by another domain's record: a <target dev> in domain XML is whatever its author wrote
+    (who need not be root), and a bridge's uplink, the bridge itself or another guest's tap
+    must never get its learning and flooding turned off or an entry put on it.
+    """
+    if link is None:
+        return f"tap {it.tap} does not exist"
+    if link.master != it.bridge:
+        return (f"tap {it.tap} is not a port of bridge {it.bridge} (master: "
+                f"{link.master or 'none'}); leaving it alone")
+    if link.kind != "tun":
+        return (f"{it.tap} is not a tap (it is a {link.kind or 'plain'} device, e.g. the "
+                f"bridge's uplink); netplug manages only the taps libvirt creates for guests; "
+                f"leaving it alone")
+    if link.address != tap_mac_of(it.mac or ""):
+        return (f"tap {it.tap} has address {link.address}, not {tap_mac_of(it.mac or '')} "
+                f"as libvirt gives the tap of guest MAC {it.mac}: it is not this guest's tap; "
+                f"leaving it alone")
+    owner = observed.owners.get(it.tap)
+    if owner is not None and owner != it.domain:
+        return (f"tap {it.tap} belongs to domain {owner} (netplug's record); leaving it "
+                f"alone")
+    return None
+
+
+def _mac_refusal(mac: str, it: PortIntent, bridge_link: Link | None,
+                 vlans: tuple[int | None, ...], observed: Observed,
+                 recorded: frozenset = frozenset()) -> str | None:
+    """Why netplug must not claim ``mac`` on this guest's tap (None: it may).
+
+    Never move or shadow an entry netplug did not make: the bridge's own address, any
+    host-local (permanent) entry — a port's own address among them —, or a static entry on
+    another port (an admin's, or another guest's).
+    """
+    bridge = it.bridge or ""
+    if bridge_link is not None and bridge_link.address == mac:
+        return (f"{mac} is the address of bridge {bridge} itself (the host's); claiming it "
+                f"would cut the host off {bridge}: fix the guest's MAC")
+    for vlan in vlans:
+        e = observed.entry(bridge, mac, vlan)
+        if e is None or e.state == "dynamic":
+            continue
+        if e.port == it.tap and (mac, vlan) in recorded:
+            continue  # netplug's own entry, changed by hand: drift to repair
+        where = f" on VLAN {vlan}" if vlan is not None else ""
+        if e.state == "permanent":
+            owner = (f"bridge {bridge} itself" if e.port == bridge
+                     else f"port {e.port} (its own address)")
+            return (f"{mac} is a host-local entry of {owner}{where}; it is the host's, not "
+                    f"this guest's: fix the guest's MAC")
+        if e.port != it.tap:
+            owner = observed.owners.get(e.port)
+            whose = f" (domain {owner}'s tap)" if owner else ""
+            return (f"{mac} is already a {e.state} entry on port {e.port}{whose}{where}; "
+                    f"remove that entry or fix the guest's MAC")
+    return None
+
+
 def plan_ports(intents: Iterable[PortIntent], observed: Observed | None,
                records: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
     """Operations that make every managed port right, and retire records no intent wants.
 
-    Per port: the FDB entry first, then learning/flood off, so the guest never loses
-    traffic. Ports are ordered by (bridge, tap); bridge-level operations come first.
+    Per port: the FDB entries first, then learning/flood off, so the guest never loses
+    traffic. Ports are ordered by (bridge, tap); bridge-level operations come first. A held
+    intent (policy unreadable) keeps its record and gets no operation.
     """
     intents = list(intents)
     records = records or {}
     ops: list[Operation] = []
     bridge_ops: list[Operation] = []
     notes: list[Note] = []
-    wanted: set[tuple[str, str]] = set()
+    wanted: set[str] = set()  # taps whose records stay
     skipped: list[str] = []
     vlan_checked: set[str] = set()
     for it in sorted(intents, key=lambda i: (i.bridge or "", i.tap or "", i.interface.index)):
+        if it.hold:
+            if it.tap and it.tap in records:
+                wanted.add(it.tap)
+                if it.reason.startswith("invalid"):
+                    notes.append(Note("error", f"{it.ctx.describe()}: {it.reason}; keeping "
+                                               f"tap {it.tap} as netplug left it",
+                                      once_key=f"hold:{it.domain}:{it.tap}:{it.reason[:60]}"))
+            continue
         if not it.managed:
             if it.reason.startswith("interface has no <target dev>") and \
                     it.policy.manages_bridge_port:
@@ -212,7 +354,6 @@ def plan_ports(intents: Iterable[PortIntent], observed: Observed | None,
                                   once_key=f"unmanaged:{it.network}:{it.reason[:40]}"))
             continue
         assert it.tap and it.mac and it.bridge
-        wanted.add((it.tap, it.mac))
         ctx = it.ctx
         bridge_link = observed.links.get(it.bridge) if observed else None
         if it.policy.vlan_filtering and it.bridge not in vlan_checked:
@@ -220,41 +361,120 @@ def plan_ports(intents: Iterable[PortIntent], observed: Observed | None,
             vops, vnotes = plan_vlan_filtering(it.bridge, bridge_link, observed is not None)
             bridge_ops += vops
             notes += vnotes
+        sticky = bool(it.policy.sticky)
         if observed is None:
-            ops.append(ReplaceFdb(ctx, it.tap, it.mac, None, bool(it.policy.sticky)))
+            wanted.add(it.tap)
+            for mac in (it.mac, *it.extra_macs):
+                ops.append(ReplaceFdb(ctx, it.tap, mac, None, sticky))
             ops.append(SetPortFlags(ctx, it.tap, False, False))
             continue
         link = observed.links.get(it.tap)
-        if link is None:
-            notes.append(Note("error", f"{ctx.describe()}: tap {it.tap} does not exist"))
+        refusal = _port_refusal(it, link, bridge_link, observed)
+        if refusal is not None:
+            notes.append(Note("error", f"{ctx.describe()}: {refusal}"))
             skipped.append(it.tap)
             continue
-        if link.master != it.bridge:
-            notes.append(Note("error", f"{ctx.describe()}: tap {it.tap} is not a port of bridge "
-                                       f"{it.bridge} (master: {link.master or 'none'}); "
-                                       f"leaving it alone"))
+        vlans = entry_vlans(bridge_link, observed.vlans.get(it.tap))
+        rec = records.get(it.tap) or {}
+        recorded = frozenset(tuple(e) for e in rec.get("fdb", [])) \
+            if rec.get("ifindex") == link.index else frozenset()
+        refusal = _mac_refusal(it.mac, it, bridge_link, vlans, observed, recorded)
+        if refusal is not None:
+            notes.append(Note("error", f"{ctx.describe()}: {refusal}; leaving {it.tap} "
+                                       f"unmanaged"))
             skipped.append(it.tap)
             continue
-        vlan = _fdb_vlan(bridge_link, it.interface)
-        sticky = bool(it.policy.sticky)
-        same = [e for e in observed.entries_for_mac(it.bridge, it.mac) if e.vlan == vlan]
-        foreign = [e for e in same if e.port != it.tap and e.state != "dynamic"]
-        if foreign:
-            notes.append(Note("error", f"{ctx.describe()}: {it.mac} is already a "
-                                       f"{foreign[0].state} entry on port {foreign[0].port}; "
-                                       f"leaving {it.tap} unmanaged (remove that entry or fix "
-                                       f"the guest's MAC)"))
-            skipped.append(it.tap)
-            continue
-        mine = [e for e in same if e.port == it.tap]
-        if not (mine and mine[0].state == "static" and mine[0].sticky == sticky):
-            ops.append(ReplaceFdb(ctx, it.tap, it.mac, vlan, sticky))
+        wanted.add(it.tap)
+        port_ops: list[Operation] = []
+        macs = [it.mac]
+        for extra in it.extra_macs:
+            if extra == it.mac or extra in macs:
+                continue
+            why = _mac_refusal(extra, it, bridge_link, vlans, observed, recorded)
+            if why is not None:
+                notes.append(Note("error", f"{ctx.describe()}: not claiming the guest's extra "
+                                           f"MAC: {why}",
+                                  once_key=f"extra:{it.domain}:{it.tap}:{extra}:{why[:40]}"))
+                continue
+            macs.append(extra)
+        for mac in macs:
+            port_ops += _entry_ops(ctx, it.tap, mac, vlans, sticky, observed, it.bridge)
         if link.learning is not False or link.flood is not False:
-            ops.append(SetPortFlags(ctx, it.tap, False, False, link.learning, link.flood))
-    cleanup = plan_cleanup({tap: rec for tap, rec in records.items()
-                            if (tap, rec.get("mac")) not in wanted}, observed)
-    return Plan(tuple(bridge_ops + ops + list(cleanup.ops)), tuple(notes + list(cleanup.notes)),
-                tuple(intents), cleanup.cleaned, tuple(skipped))
+            port_ops.append(SetPortFlags(ctx, it.tap, False, False, link.learning, link.flood))
+        ops += port_ops
+    cleanup = plan_cleanup({tap: rec for tap, rec in records.items() if tap not in wanted},
+                           observed)
+    # Entries a kept record holds that the port no longer wants (a dropped extra MAC, a VLAN
+    # the port left): removed, since netplug made them.
+    stale: list[Operation] = []
+    if observed is not None:
+        for it in intents:
+            if it.hold or not it.managed or it.tap not in wanted or it.tap not in records:
+                continue
+            stale += _stale_entry_ops(it, records[it.tap], observed)
+    return Plan(tuple(bridge_ops + _by_device(ops + stale) + list(cleanup.ops)),
+                tuple(notes + list(cleanup.notes)), tuple(intents), cleanup.cleaned,
+                tuple(skipped))
+
+
+def _by_device(ops: list[Operation]) -> list[Operation]:
+    """Keep each device's operations together (a port is one transaction in the applier),
+    in the order they were planned; devices in order of first appearance."""
+    order: dict[str, list[Operation]] = {}
+    for op in ops:
+        order.setdefault(op.device, []).append(op)
+    # Within a port: entries first, flags after, deletes of stale entries last — so the
+    # guest always has its entries before flooding stops.
+    out: list[Operation] = []
+    for dev_ops in order.values():
+        out += [o for o in dev_ops if isinstance(o, ReplaceFdb)]
+        out += [o for o in dev_ops if isinstance(o, SetPortFlags)]
+        out += [o for o in dev_ops if not isinstance(o, (ReplaceFdb, SetPortFlags))]
+    return out
+
+
+def _entry_ops(ctx: Context, tap: str, mac: str, vlans: tuple[int | None, ...], sticky: bool,
+               observed: Observed, bridge: str) -> list[Operation]:
+    """The ReplaceFdb operations that give ``mac`` a static entry on ``tap`` for every key.
+
+    An entry added with no VLAN is created by the kernel for VID 0 and for every VLAN the
+    port is in at that moment, so when the VID-0 entry is missing one request covers all;
+    otherwise each missing VLAN gets its own.
+    """
+    def right(e: FdbEntry | None) -> bool:
+        return e is not None and e.port == tap and e.state == "static" and e.sticky == sticky
+
+    missing = [v for v in vlans if not right(observed.entry(bridge, mac, v))]
+    if not missing:
+        return []
+    if None in missing:
+        return [ReplaceFdb(ctx, tap, mac, None, sticky,
+                           also_vlans=tuple(v for v in vlans if v is not None))]
+    return [ReplaceFdb(ctx, tap, mac, v, sticky) for v in missing]
+
+
+def _stale_entry_ops(it: PortIntent, rec: Mapping[str, Any], observed: Observed
+                     ) -> list[Operation]:
+    """Delete the entries a kept port record holds that the port no longer wants: a MAC the
+    guest dropped (an extra one, or its own after a change) or a VLAN the port left (the
+    kernel keeps static entries of a VLAN removed from a port). Only entries netplug
+    recorded, and only where they still are: static, on this very tap."""
+    link = observed.links.get(it.tap or "")
+    if link is None or rec.get("ifindex") != link.index:
+        return []
+    vlans = entry_vlans(observed.links.get(it.bridge or ""), observed.vlans.get(it.tap or ""))
+    keep = {(mac, v) for mac in (it.mac, *it.extra_macs) for v in vlans}
+    out: list[Operation] = []
+    for mac, vlan in sorted((tuple(e) for e in rec.get("fdb", [])),
+                            key=lambda e: (e[0], e[1] is None, e[1] or 0)):
+        if (mac, vlan) in keep:
+            continue
+        if vlan is None and any(m == mac for m, _v in keep):
+            continue  # deleting "no VLAN" would take the MAC off every VLAN of the port
+        e = observed.entry(rec.get("bridge"), mac, vlan)
+        if e is not None and e.port == it.tap and e.state == "static":
+            out.append(DeleteFdb(it.ctx, it.tap, mac, vlan))
+    return out
 
 
 def plan_cleanup(records: Mapping[str, Mapping[str, Any]], observed: Observed | None) -> Plan:
@@ -262,13 +482,15 @@ def plan_cleanup(records: Mapping[str, Mapping[str, Any]], observed: Observed | 
 
     A tap whose ifindex changed is not ours any more (libvirt deleted it and the name was
     reused): it is left alone. Flags are restored before entries are deleted, so flooding is
-    back before the static entry goes.
+    back before the static entry goes; per MAC, the VLAN entries go before the "no VLAN" one
+    (deleting that one makes the kernel delete the MAC on every VLAN of the port).
     """
     ops: list[Operation] = []
     for tap, rec in sorted(records.items()):
         ctx = Context(rec.get("domain"), rec.get("interface"), rec.get("mac"), rec.get("bridge"),
                       rec.get("network"))
-        entries = [(m, v) for m, v in rec.get("fdb", [])]
+        entries = sorted(((m, v) for m, v in rec.get("fdb", [])),
+                         key=lambda e: (e[0], e[1] is None, e[1] or 0))
         saved = rec.get("saved") or [True, True]  # learning/flood before netplug
         if observed is None:
             if rec.get("flags"):
@@ -281,7 +503,8 @@ def plan_cleanup(records: Mapping[str, Mapping[str, Any]], observed: Observed | 
         if rec.get("flags"):
             if (link.learning, link.flood) != (saved[0], saved[1]):
                 ops.append(SetPortFlags(ctx, tap, saved[0], saved[1], link.learning, link.flood))
-        present = {(e.mac, e.vlan) for e in observed.entries_on_port(rec.get("bridge"), tap)
-                   if e.state == "static"}
-        ops.extend(DeleteFdb(ctx, tap, m, v) for m, v in entries if (m, v) in present)
+        for m, v in entries:
+            e = observed.entry(rec.get("bridge"), m, v)
+            if e is not None and e.port == tap and e.state == "static":
+                ops.append(DeleteFdb(ctx, tap, m, v))
     return Plan(tuple(ops), (), (), tuple(sorted(records)))

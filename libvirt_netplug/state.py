@@ -5,11 +5,19 @@ Layout (default /run/libvirt-netplug, env NETPLUG_STATE_DIR):
   networks/NAME.json    a network's bridge and policy, recorded by the network hook
   domains/NAME.json     per domain: the FDB entries and port flags netplug set, per tap, and
                         the RX-filter state it programmed on macvtaps
+  ports/TAP.json        which domain's record holds a tap (an index: a hook checks one file,
+                        not every domain's record, before it touches a port)
   once/KEY              markers for "log this once" messages
 
 Every write is atomic (temp file + rename) and every read-modify-write happens under the
 lock, so hooks for different domains on one bridge running at once never lose each other's
 records.
+
+Trust: whoever can write here decides what netplug deletes and which ports it leaves alone,
+so the directory must be ours (owned by the user netplug runs as, root on a host, and not
+writable by anyone else), and nothing in it is followed through a symlink. A record that is
+unreadable or of the wrong shape is reported for its own domain only (``record_errors``):
+it never stops netplug from serving the others.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import tempfile
 import time
 import urllib.parse
@@ -28,6 +37,8 @@ from .errors import StateError
 
 DEFAULT_STATE_DIR = "/run/libvirt-netplug"
 LOCK_TIMEOUT = 10.0
+MAX_RECORD_BYTES = 4 * 1024 * 1024  # far above any real record (a 64-NIC domain is ~40 KB)
+RECORD_VERSION = 2
 
 
 def state_dir_path(explicit: str | None = None) -> str:
@@ -38,9 +49,143 @@ def _fname(name: str) -> str:
     return urllib.parse.quote(name, safe="") + ".json"
 
 
+# -- record shapes ----------------------------------------------------------------------------
+
+
+def _is_mac(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 17 and all(
+        len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in v.split(":"))
+
+
+def _is_vid(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4094)
+
+
+def _is_name(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v.encode()) < 16 and "/" not in v
+
+
+def port_record_problem(tap: Any, rec: Any) -> str | None:
+    """Why a port record cannot be trusted, or None. Cleanup deletes the entries and restores
+    the flags a record names, so every field it acts on is checked."""
+    if not _is_name(tap):
+        return f"port {tap!r}: not an interface name"
+    if not isinstance(rec, dict):
+        return f"port {tap}: not an object"
+    if not _is_mac(rec.get("mac")):
+        return f"port {tap}: invalid mac {rec.get('mac')!r}"
+    if not _is_name(rec.get("bridge")):
+        return f"port {tap}: invalid bridge {rec.get('bridge')!r}"
+    ifindex = rec.get("ifindex")
+    if not isinstance(ifindex, int) or isinstance(ifindex, bool) or ifindex <= 0:
+        return f"port {tap}: invalid ifindex {ifindex!r}"
+    fdb = rec.get("fdb", [])
+    if not isinstance(fdb, list) or not all(
+            isinstance(e, list) and len(e) == 2 and _is_mac(e[0]) and _is_vid(e[1]) for e in fdb):
+        return f"port {tap}: invalid fdb list"
+    if not isinstance(rec.get("flags", False), bool):
+        return f"port {tap}: invalid flags"
+    saved = rec.get("saved")
+    if saved is not None and not (isinstance(saved, list) and len(saved) == 2 and
+                                  all(isinstance(x, bool) for x in saved)):
+        return f"port {tap}: invalid saved flags"
+    extra = rec.get("extra", [])
+    if not isinstance(extra, list) or not all(_is_mac(m) for m in extra):
+        return f"port {tap}: invalid extra MAC list"
+    for key in ("domain", "interface", "network"):
+        if rec.get(key) is not None and not isinstance(rec.get(key), str):
+            return f"port {tap}: invalid {key}"
+    if not isinstance(rec.get("policy", {}), dict):
+        return f"port {tap}: invalid policy"
+    return None
+
+
+def domain_record_problem(rec: Any) -> str | None:
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    ports = rec.get("ports", {})
+    if not isinstance(ports, dict):
+        return "'ports' is not an object"
+    for tap, prec in ports.items():
+        problem = port_record_problem(tap, prec)
+        if problem:
+            return problem
+    rx = rec.get("rx", {})
+    if not isinstance(rx, dict) or not all(_is_name(k) and isinstance(v, dict)
+                                           for k, v in rx.items()):
+        return "'rx' is not an object of macvtap records"
+    return None
+
+
+def _network_record_problem(rec: Any) -> str | None:
+    if not isinstance(rec, dict) or not isinstance(rec.get("name"), str):
+        return "not a network record"
+    if rec.get("bridge") is not None and not _is_name(rec.get("bridge")):
+        return f"invalid bridge {rec.get('bridge')!r}"
+    if not isinstance(rec.get("policy") or {}, dict):
+        return "invalid policy"
+    return None
+
+
 class StateDir:
     def __init__(self, path: str | None = None):
         self.path = state_dir_path(path)
+        self._errors: dict[str, str] = {}
+        self._checked: set[str] = set()
+
+    # -- trust -------------------------------------------------------------------------
+
+    def _ensure(self, path: str) -> None:
+        """Create ``path`` (ours, 0755) if missing; refuse one that is not ours."""
+        if path in self._checked:
+            return
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            if path == self.path:
+                try:
+                    os.makedirs(path, mode=0o755, exist_ok=True)
+                except OSError as e:
+                    raise StateError(f"state dir {path}: cannot create: {e.strerror}") from None
+            else:
+                raise StateError(f"state dir {self.path}: vanished") from None
+        except OSError as e:
+            raise StateError(f"state dir {path}: cannot create: {e.strerror}") from None
+        self._check_dir(path)
+        self._checked.add(path)
+
+    @staticmethod
+    def _check_dir(path: str) -> None:
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            raise StateError(f"state dir {path}: {e.strerror}") from None
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise StateError(f"state dir {path} is not a directory (a symlink?); remove it "
+                             f"and let netplug recreate it")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise StateError(f"state dir {path} is owned by uid {st.st_uid} with mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}; it must belong to uid "
+                             f"{os.geteuid()} and not be writable by others (chown/chmod it, "
+                             f"or remove it and let netplug recreate it)")
+
+    def _open_trusted(self, path: str, flags: int, mode: int = 0o600) -> int:
+        """Open without following a symlink, and only a regular file that is ours and that
+        nobody else can write."""
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StateError(f"{path} is not a regular file")
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                raise StateError(f"{path} is owned by uid {st.st_uid} with mode "
+                                 f"{stat.S_IMODE(st.st_mode):04o}; not trusted (remove it)")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # -- locking ---------------------------------------------------------------------
 
@@ -50,10 +195,12 @@ class StateDir:
         self._ensure(self.path)
         lock_path = os.path.join(self.path, "lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = self._open_trusted(lock_path, os.O_RDWR | os.O_CREAT)
         except OSError as e:
-            raise StateError(f"state dir {self.path}: cannot open lock file: {e.strerror}") \
-                from None
+            why = ("it is a symlink" if e.errno == errno.ELOOP else e.strerror)
+            raise StateError(f"state dir {self.path}: cannot open lock file: {why}") from None
+        except StateError as e:
+            raise StateError(f"state dir {self.path}: lock file refused: {e}") from None
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -71,24 +218,67 @@ class StateDir:
 
     # -- files -------------------------------------------------------------------------
 
-    def _ensure(self, path: str) -> None:
+    def _load(self, path: str) -> Any:
+        """A JSON file, or None if absent; StateError if it cannot be trusted or read."""
         try:
-            os.makedirs(path, mode=0o755, exist_ok=True)
-        except OSError as e:
-            raise StateError(f"state dir {path}: cannot create: {e.strerror}") from None
-
-    def _read(self, sub: str, name: str) -> dict[str, Any] | None:
-        path = os.path.join(self.path, sub, _fname(name))
-        try:
-            with open(path, "rb") as f:
-                return json.load(f)
+            fd = self._open_trusted(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
-            raise StateError(f"state file {path}: unreadable ({e}); delete it and run "
+        except OSError as e:
+            why = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
+            raise StateError(f"state file {path}: unreadable ({why}); delete it and run "
                              f"'netplug reconcile'") from None
+        except StateError as e:
+            raise StateError(f"state file {e}; delete it and run 'netplug reconcile'") from None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(MAX_RECORD_BYTES + 1)
+        except OSError as e:
+            raise StateError(f"state file {path}: unreadable ({e.strerror})") from None
+        if len(data) > MAX_RECORD_BYTES:
+            raise StateError(f"state file {path}: over {MAX_RECORD_BYTES} bytes; delete it "
+                             f"and run 'netplug reconcile'")
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as e:
+            raise StateError(f"state file {path}: unreadable ({str(e)[:100]}); delete it and "
+                             f"run 'netplug reconcile'") from None
+
+    def _trusted_dir(self, sub: str) -> bool:
+        """Whether records may be read from ``sub``: False if it does not exist; StateError if
+        the state dir or ``sub`` is not ours (whoever can write there decides what netplug
+        deletes)."""
+        for path in (self.path, os.path.join(self.path, sub)):
+            if path in self._checked:
+                continue
+            try:
+                os.lstat(path)
+            except FileNotFoundError:
+                return False
+            except NotADirectoryError:
+                raise StateError(f"state dir {self.path} is not a directory; remove it and "
+                                 f"let netplug recreate it") from None
+            self._check_dir(path)
+            self._checked.add(path)
+        return True
+
+    def _read(self, sub: str, name: str) -> dict[str, Any] | None:
+        if not self._trusted_dir(sub):
+            return None
+        path = os.path.join(self.path, sub, _fname(name))
+        rec = self._load(path)
+        if rec is None:
+            return None
+        check = domain_record_problem if sub == "domains" else (
+            _network_record_problem if sub == "networks" else None)
+        problem = check(rec) if check else None
+        if problem:
+            raise StateError(f"state file {path}: wrong shape ({problem}); delete it and run "
+                             f"'netplug reconcile'")
+        return rec
 
     def _write(self, sub: str, name: str, data: dict[str, Any]) -> None:
+        self._ensure(self.path)
         d = os.path.join(self.path, sub)
         self._ensure(d)
         tmp = None
@@ -104,16 +294,44 @@ class StateDir:
             raise StateError(f"state dir {d}: cannot write {name}: {e.strerror}") from None
 
     def _delete(self, sub: str, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(os.path.join(self.path, sub, _fname(name)))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StateError(f"state dir {self.path}: cannot delete {sub}/{name}: "
+                             f"{e.strerror}") from None
 
     def _names(self, sub: str) -> list[str]:
+        if not self._trusted_dir(sub):
+            return []
         try:
             files = os.listdir(os.path.join(self.path, sub))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as e:
+            raise StateError(f"state dir {self.path}: cannot list {sub}: {e.strerror}") \
+                from None
         # Temp files (".tmp-XXXX") have no .json suffix; a domain may be called ".tmp-x".
         return sorted(urllib.parse.unquote(f[:-5]) for f in files if f.endswith(".json"))
+
+    def _all(self, sub: str) -> dict[str, dict[str, Any]]:
+        """Every readable record of ``sub``; the others are reported by ``record_errors``."""
+        out = {}
+        for n in self._names(sub):
+            try:
+                rec = self._read(sub, n)
+            except StateError as e:
+                self._errors[f"{sub}/{n}"] = str(e)
+                continue
+            if rec:
+                out[n] = rec
+        return out
+
+    def record_errors(self) -> dict[str, str]:
+        """Domain records the last listing (``domains()``) could not use: name -> error."""
+        return {k.split("/", 1)[1]: v for k, v in self._errors.items()
+                if k.startswith("domains/")}
 
     # -- networks ----------------------------------------------------------------------
 
@@ -121,7 +339,7 @@ class StateDir:
         return self._read("networks", name)
 
     def networks(self) -> dict[str, dict[str, Any]]:
-        return {n: rec for n in self._names("networks") if (rec := self._read("networks", n))}
+        return self._all("networks")
 
     def put_network(self, name: str, record: dict[str, Any]) -> None:
         self._write("networks", name, record)
@@ -147,35 +365,89 @@ class StateDir:
         return mtime is not None and mtime > when
 
     def domains(self) -> dict[str, dict[str, Any]]:
-        return {n: rec for n in self._names("domains") if (rec := self._read("domains", n))}
+        for k in [k for k in self._errors if k.startswith("domains/")]:
+            del self._errors[k]
+        return self._all("domains")
 
-    def put_domain(self, name: str, record: dict[str, Any]) -> None:
+    def put_domain(self, name: str, record: dict[str, Any],
+                   previous: dict[str, Any] | None = None) -> None:
+        """Write (or, when it holds nothing, delete) a domain's record, keeping the port
+        index in step: taps it gains are claimed before the record names them, taps it lost
+        are released after. ``previous``: the record as read (saves reading it again)."""
+        if previous is None:
+            try:
+                previous = self._read("domains", name) or {}
+            except StateError:
+                previous = {}
+        old = set(previous.get("ports") or {})
+        new = record.get("ports") or {}
+        for tap in sorted(set(new) - old):
+            self._write("ports", tap, {"domain": name, "ifindex": new[tap].get("ifindex")})
         if not record.get("ports") and not record.get("rx"):
             self._delete("domains", name)
         else:
+            record.setdefault("version", RECORD_VERSION)
             self._write("domains", name, record)
+        for tap in sorted(old - set(new)):
+            claim = self.port_claim(tap)
+            if claim is not None and claim.get("domain") == name:
+                self._delete("ports", tap)
+
+    def delete_domain(self, name: str) -> None:
+        """Forget a domain whose record cannot be read (after its cleanup was attempted)."""
+        self._delete("domains", name)
+
+    # -- the port index ----------------------------------------------------------------
+
+    def port_claim(self, tap: str) -> dict[str, Any] | None:
+        """{"domain", "ifindex"} of the record that holds ``tap``, or None."""
+        if not self._trusted_dir("ports"):
+            return None
+        try:
+            rec = self._load(os.path.join(self.path, "ports", _fname(tap)))
+        except StateError:
+            return None
+        return rec if isinstance(rec, dict) and isinstance(rec.get("domain"), str) else None
+
+    def port_owner(self, tap: str, ifindex: int) -> str | None:
+        """The domain whose record holds this very tap (same ifindex), or None. A claim whose
+        record no longer names the tap, or names an older tap of that name, is stale."""
+        claim = self.port_claim(tap)
+        if claim is None or claim.get("ifindex") != ifindex:
+            return None
+        try:
+            rec = self._read("domains", claim["domain"])
+        except StateError:
+            return claim["domain"]  # an unreadable record still owns what it claims
+        port = (rec or {}).get("ports", {}).get(tap)
+        if port is None or port.get("ifindex") != ifindex:
+            return None
+        return claim["domain"]
 
     # -- once markers ------------------------------------------------------------------
 
     def first_time(self, key: str) -> bool:
         """True the first time ``key`` is seen (until the state dir is cleared)."""
         d = os.path.join(self.path, "once")
-        self._ensure(d)
         try:
-            os.close(os.open(os.path.join(d, urllib.parse.quote(key, safe="")),
-                             os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            self._ensure(self.path)
+            self._ensure(d)
+            os.close(os.open(os.path.join(d, urllib.parse.quote(key, safe="")[:200]),
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
             return True
         except FileExistsError:
             return False
+        except StateError:
+            return True  # cannot remember: say it again rather than never
         except OSError as e:
-            if e.errno == errno.EROFS:
+            if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ELOOP):
                 return True
             raise StateError(f"state dir {d}: {e.strerror}") from None
 
     def forget(self, prefix: str) -> None:
         d = os.path.join(self.path, "once")
         q = urllib.parse.quote(prefix, safe="")
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             for f in os.listdir(d):
                 if f.startswith(q):
                     with contextlib.suppress(FileNotFoundError):

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from .apply import apply, observe, observe_all, record_ports
+from .apply import apply, observe, observe_all, record_ports, records_ahead
 from .errors import DeviceGone, NetplugError
 from .kernel import Kernel
 from .model import Domain, Network
@@ -39,6 +39,10 @@ class Desired:
     config: Config
     errors: tuple[str, ...] = ()  # domains/networks whose XML or policy could not be read
     read_at: float | None = None  # time.time() when reading libvirt began
+    # Running domains whose XML or policy could not be read: what netplug applied for them
+    # is kept as it is (fail closed), never retired.
+    unreadable: frozenset[str] = frozenset()
+    config_error: str | None = None  # the config is invalid: ports it decides for are held
 
 
 @dataclass
@@ -122,7 +126,8 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
     for d in desired.domains:
         if only_set is not None and d.name not in only_set:
             continue
-        ds = DomainSync(d.name, True, bridge_intents(d, desired.networks, desired.config),
+        ds = DomainSync(d.name, True, bridge_intents(d, desired.networks, desired.config,
+                                                     config_error=desired.config_error),
                         macvtap_intents(d, desired.networks, desired.config))
         syncs[d.name] = ds
         if rx_source is not None and any(i.managed for i in ds.macvtap_intents):
@@ -145,8 +150,14 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
         # (its hook ran) while we read: our view is older than it, so it is not retired now
         # (the next run sees the domain). Without this, reconcile undoes a just-started guest.
         retired = [n for n in records if n not in running and
+                   n not in desired.unreadable and
                    (only_set is None or n in only_set) and
                    not state.domain_changed_since(n, desired.read_at)]
+        for name in sorted(desired.unreadable & set(records)):
+            if only_set is None or name in only_set:
+                report.notes.append(Note(
+                    "error", f"domain {name}: its XML or policy cannot be read; netplug keeps "
+                             f"what it applied for it as it is until that is fixed"))
         bridges: set[str] = set()
         devs: set[str] = set()
         for ds in syncs.values():
@@ -160,10 +171,11 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
             devs |= set(rec.get("rx", {}))
             devs |= set(rec.get("ports", {}))
         if only_set is None:
-            observed = observe_all(kernel, bridges)
+            observed = observe_all(kernel, bridges, records)
         else:
             observed = observe(kernel, bridges, devs | {i.tap for ds in syncs.values()
-                                                        for i in ds.bridge_intents if i.tap})
+                                                        for i in ds.bridge_intents if i.tap},
+                               owners=state.port_owner)
         report.observed = observed
         addresses = _read_addresses(kernel, devs, observed)
         port_plans = {}
@@ -186,16 +198,13 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
             for dev, r in sorted(rec.get("rx", {}).items()):
                 ds.ops += plan_rx_cleanup(dev, r, observed.links.get(dev), addresses.get(dev))
         report.domains = [syncs[n] for n in sorted(syncs)]
-        report.notes = [n for ds in report.domains for n in ds.notes]
+        report.notes = report.notes + [n for ds in report.domains for n in ds.notes]
         if dry_run:
             report.elapsed = time.monotonic() - t0
             return report
         for ds in report.domains:
             if ds.ops and logger.isEnabledFor(logging.INFO):
                 logger.info("domain %s: %s", ds.name, "; ".join(o.what() for o in ds.ops))
-            result = apply(ds.ops, kernel, logger)
-            report.applied += result.applied
-            report.errors += result.errors
             rec = records.get(ds.name) or {"domain": ds.name, "ports": {}, "rx": {}}
             # Rewrite a record only when it changed: an in-sync run then writes nothing
             # (2,000 domains: ~0.3 s of rewriting identical files on tmpfs, more on disk),
@@ -204,6 +213,20 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
             # the top two levels is enough to tell whether anything changed.
             before = {k: dict(v) if isinstance(v, dict) else v for k, v in rec.items()} \
                 if ds.name in records else None
+            # Write ahead: the record names everything this run may add before the kernel
+            # has it, so a run killed halfway leaves nothing unrecorded.
+            if ds.running and ds.ops:
+                ahead = records_ahead(rec, port_plans[ds.name], observed) or \
+                    {k: dict(v) if isinstance(v, dict) else v for k, v in rec.items()}
+                ahead_rx = _rx_ahead(rec.get("rx", {}), rx_plans[ds.name])
+                if ahead_rx != rec.get("rx", {}):
+                    ahead["rx"] = ahead_rx
+                if ahead != before:
+                    state.put_domain(ds.name, ahead, before)
+                    before = ahead
+            result = apply(ds.ops, kernel, logger)
+            report.applied += result.applied
+            report.errors += result.errors
             if ds.running:
                 record_ports(rec, port_plans[ds.name], observed, result)
                 rx = rec.setdefault("rx", {})
@@ -217,10 +240,30 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
             else:
                 rec["ports"], rec["rx"] = {}, {}
             if rec != before:
-                state.put_domain(ds.name, rec)
+                state.put_domain(ds.name, rec, before)
             records[ds.name] = rec
     report.elapsed = time.monotonic() - t0
     return report
+
+
+def _rx_ahead(old: Mapping[str, Any], new: Mapping[str, dict[str, Any]]
+              ) -> dict[str, Any]:
+    """RX records to write before applying: for each macvtap, what it has recorded and what
+    the run may add, together (addresses unioned, flags or-ed)."""
+    out = dict(old)
+    for dev, rec in new.items():
+        if not rec:
+            continue
+        prev = old.get(dev) or {}
+        if prev.get("ifindex") != rec.get("ifindex"):
+            prev = {}
+        merged = dict(rec)
+        for key in ("mc", "uc"):
+            merged[key] = sorted(set(prev.get(key, [])) | set(rec.get(key, [])))
+        for key in ("allmulti", "promisc"):
+            merged[key] = bool(prev.get(key)) or bool(rec.get(key))
+        out[dev] = merged
+    return out
 
 
 def _refresh_networks(state: StateDir, networks: Mapping[str, Network]) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from xml.sax.saxutils import quoteattr
 
 from libvirt_netplug.errors import DeviceGone, KernelError, NotSupported, kernel_error
-from libvirt_netplug.kernel import FdbEntry, Link
+from libvirt_netplug.kernel import FdbEntry, Link, PortVlans
 
 NS = "urn:x-libvirt-netplug:1"
 
@@ -44,6 +44,8 @@ class FakeDev:
     vlan_filtering: bool = False  # bridges only (this kernel reports 0 and cannot set it)
     lower: str | None = None
     macvlan_mode: str | None = None
+    vlans: set[int] = field(default_factory=set)  # bridge-port VLANs (VLAN-capable kernel)
+    pvid: int | None = None
     uc: set[str] = field(default_factory=set)
     mc: set[str] = field(default_factory=lambda: {"33:33:00:00:00:01"})
 
@@ -108,9 +110,17 @@ class FakeKernel:
         return dev
 
     def add_bridge(self, name: str, **kw) -> FakeDev:
-        return self.add(name, "bridge", up=True, **kw)
+        br = self.add(name, "bridge", up=True, **kw)
+        # The bridge's own address is a host-local entry of its table, as in the kernel.
+        self.table[(name, br.address, None)] = (name, "permanent", False)
+        return br
 
-    def add_tap(self, name: str, master: str | None = None, **kw) -> FakeDev:
+    def add_tap(self, name: str, master: str | None = None, *, guest: str | None = None,
+                **kw) -> FakeDev:
+        """A tap; ``guest``: the guest MAC it serves (the tap gets libvirt's address for it,
+        the guest's MAC with first byte 0xfe)."""
+        if guest is not None:
+            kw["address"] = ("fa" if guest[:2] == "fe" else "fe") + guest[2:]
         return self.add(name, "tun", master=master, **kw)
 
     def add_veth(self, name: str, master: str | None = None, **kw) -> FakeDev:
@@ -121,6 +131,13 @@ class FakeKernel:
         assert self.devs[bridge].kind == "bridge"
         dev.master, dev.learning, dev.flood = bridge, True, True
         self.table[(bridge, dev.address, None)] = (port, "permanent", False)
+        if self.vlan_filtering_supported:  # a new port joins the default PVID, 1
+            dev.vlans, dev.pvid = {1}, 1
+
+    def set_port_vlans(self, port: str, vids: set[int], pvid: int | None = None) -> None:
+        """What `bridge vlan add/del … dev PORT` does (libvirt 11 for <vlan>, or an admin)."""
+        dev = self.devs[port]
+        dev.vlans, dev.pvid = set(vids), pvid
 
     def delete(self, name: str) -> None:
         """Delete a device, as `ip link del` does: its FDB entries and ports go with it."""
@@ -246,6 +263,27 @@ class FakeKernel:
                       key=lambda e: (e.port, e.mac, -1 if e.vlan is None else e.vlan, e.state,
                                      e.sticky))
 
+    def fdb_get(self, bridge: str, mac: str, vlan: int | None = None) -> FdbEntry | None:
+        self._fault("fdb_get", bridge, "read fdb entry")
+        self._dev("read fdb entry", bridge)
+        hit = self.table.get((bridge, mac, vlan))
+        if hit is None:
+            return None
+        port, state, sticky = hit
+        return FdbEntry(port, mac, vlan, state, sticky=sticky)
+
+    def port_vlans(self, port: str) -> PortVlans:
+        d = self._dev("read port vlans", port)
+        if not self.vlan_filtering_supported:
+            raise NotSupported("read port vlans", port, errno.EOPNOTSUPP)
+        return PortVlans(frozenset(d.vlans), d.pvid,
+                         frozenset({d.pvid}) if d.pvid is not None else frozenset())
+
+    def all_port_vlans(self) -> dict[str, PortVlans]:
+        if not self.vlan_filtering_supported:
+            raise NotSupported("read port vlans", "all links", errno.EOPNOTSUPP)
+        return {n: self.port_vlans(n) for n, d in self.devs.items() if d.master}
+
     def device_addresses(self, dev: str) -> tuple[list[str], list[str]]:
         d = self._dev("read addresses", dev)
         return sorted(d.uc), sorted(d.mc)
@@ -257,19 +295,25 @@ class FakeKernel:
         self._dev("add fdb entry", port)
         self._write("replace_fdb", port, f"add fdb entry {mac}", mac, vlan, sticky)
         dev = self._port(f"add fdb entry {mac}", port)
-        if vlan is not None and not self.devs[dev.master].vlan_filtering:
+        # A VLAN the port is not in: EINVAL (also on a kernel without VLAN filtering).
+        if vlan is not None and vlan not in dev.vlans:
             raise KernelError(f"add fdb entry {mac}", port, errno.EINVAL)
-        self.table[(dev.master, mac, vlan)] = (port, "static", sticky)
+        # With no VLAN, the kernel adds VID 0 and every VLAN the port is in now.
+        for v in ([vlan] if vlan is not None else [None, *sorted(dev.vlans)]):
+            self.table[(dev.master, mac, v)] = (port, "static", sticky)
 
     def delete_fdb(self, port: str, mac: str, vlan: int | None = None) -> bool:
         self._dev("delete fdb entry", port)
         self._write("delete_fdb", port, f"delete fdb entry {mac}", mac, vlan)
         dev = self._port(f"delete fdb entry {mac}", port)
-        key = (dev.master, mac, vlan)
-        if key in self.table and self.table[key][0] == port:
-            del self.table[key]
-            return True
-        return False
+        hit = False
+        # With no VLAN, the kernel deletes VID 0 and every VLAN the port is in now.
+        for v in ([vlan] if vlan is not None else [None, *sorted(dev.vlans)]):
+            key = (dev.master, mac, v)
+            if key in self.table and self.table[key][0] == port:
+                del self.table[key]
+                hit = True
+        return hit
 
     def set_port_flags(self, port: str, learning: bool | None = None,
                        flood: bool | None = None) -> None:

@@ -27,6 +27,12 @@ SCRIPT = [
     ("replace with vlan, no filtering", lambda k: k.replace_fdb("vnet1", G2, vlan=5)),
     ("replace on another port's own address", lambda k: k.replace_fdb("vnet1", ADDR["vnet0"])),
     ("fdb", lambda k: k.fdb("br0")),
+    ("get", lambda k: k.fdb_get("br0", G1)),
+    ("get the bridge's own address", lambda k: k.fdb_get("br0", ADDR["br0"])),
+    ("get a port's own address", lambda k: k.fdb_get("br0", ADDR["vnet1"])),
+    ("get an absent entry", lambda k: k.fdb_get("br0", "52:54:00:00:00:99")),
+    ("get on a missing bridge", lambda k: k.fdb_get("gone0", G1)),
+    ("port vlans without vlan filtering", lambda k: k.port_vlans("vnet0")),
     ("delete", lambda k: k.delete_fdb("vnet1", G1)),
     ("delete again", lambda k: k.delete_fdb("vnet1", G1)),
     ("delete on the wrong port", lambda k: k.delete_fdb("vnet0", G2)),
@@ -87,7 +93,7 @@ def test_fake_matches_the_real_kernel(ns):
     real = ns.call(_real_outcomes)
 
     fake = FakeKernel()
-    fake.add("br0", "bridge", address=ADDR["br0"])
+    fake.add_bridge("br0", address=ADDR["br0"])
     fake.add_tap("vnet0", "br0", address=ADDR["vnet0"])
     fake.add_tap("vnet1", "br0", address=ADDR["vnet1"])
     fake.add_tap("lone", address=ADDR["lone"])

@@ -131,7 +131,7 @@ def guest_filter(*groups, allmulti=False, alias="net1", mac=GUEST2) -> dict[str,
 def world(fake: FakeKernel):
     fake.add_bridge("br0")
     fake.add_veth("upl0", master="br0")
-    fake.add_tap("vnet0", master="br0")
+    fake.add_tap("vnet0", master="br0", guest=GUEST)
     fake.add("low0", "veth", up=True)
     fake.add("macvtap0", "macvtap", address=GUEST2, up=True, lower="low0",
              macvlan_mode="bridge")
@@ -388,7 +388,7 @@ def test_suspend_removes_and_resume_restores(world, state):
 def test_hotplugged_bridge_interface_gets_its_fdb_entry_and_flags(world, state):
     fake, lib = world
     with Running(lib, fake, state):
-        fake.add_tap("vnet1", master="br0")
+        fake.add_tap("vnet1", master="br0", guest="52:54:00:00:00:03")
         lib.xml["vm1"] = vm_xml(extra=[bridge_iface("br0", "vnet1", "52:54:00:00:00:03",
                                                     alias="net2")])
         lib.event("vm1", "device-added net2")
@@ -578,7 +578,7 @@ def test_libvirt_session_on_the_test_driver_delivers_real_events(fake, state):
 
     fake.add_bridge("br0")
     for i in range(4):  # the test driver names targets testnetN whatever the XML says
-        fake.add_tap(f"testnet{i}", master="br0")
+        fake.add_tap(f"testnet{i}", master="br0", guest=GUEST)
     uri = "test:///default"
     xml = domain_xml("np-agent-test", [bridge_iface("br0", "vnettest0", GUEST)],
                      metadata=policy_xml(promiscLinks="no"))

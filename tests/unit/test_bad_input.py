@@ -121,7 +121,7 @@ def check_one_line(result, words):
     line = result.lines[0]
     for w in words:
         assert w in line, f"{w!r} not in {line!r}"
-    assert result.elapsed < 1.0, f"{result.elapsed:.2f} s"
+    assert result.elapsed < 10.0, f"{result.elapsed:.2f} s"
 
 
 # -- the hook --------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def check_one_line(result, words):
 @pytest.mark.parametrize("op", ["start", "started", "reconnect", "stopped", "release"])
 def test_qemu_hook_bad_domain_xml(run_hook, fake, state_path, name, doc, words, op):
     fake.add_bridge("br0")
-    fake.add_tap("vnet0", "br0")
+    fake.add_tap("vnet0", "br0", guest=MAC)
     before = fake.snapshot()
     r = run_hook("qemu", "vm1", op, doc, config=MANAGED)
     assert r.rc == 0
@@ -174,7 +174,7 @@ BAD_NETWORK = [
     ("port-plug-bridge-invalid", "port-created",
      hookdata(NET, networkport_xml("vm1", MAC, bridge="nbr 0")).encode(), ["<plug bridge>"]),
     ("policy-invalid", "started", hookdata(network_xml(
-        metadata=policy_xml(promiscLinks="nope"))).encode(), ["promiscLinks", "unmanaged"]),
+        metadata=policy_xml(promiscLinks="nope"))).encode(), ["promiscLinks", "nope"]),
 ]
 
 
@@ -223,7 +223,7 @@ def test_tap_vanishing_mid_apply_is_one_error_and_no_half_applied_port(run_hook,
     """ENODEV between the FDB entry and the flags of one port (the fake deletes the tap)."""
     fake.add_bridge("br0")
     for i in range(3):
-        fake.add_tap(f"vnet{i}", "br0")
+        fake.add_tap(f"vnet{i}", "br0", guest=f"52:54:00:00:00:0{i + 1}")
     fake.fail("set_port_flags", "vnet1", vanish=True)
     xml = domain_xml("vm1", [bridge_iface("br0", f"vnet{i}", f"52:54:00:00:00:0{i + 1}",
                                           f"net{i}") for i in range(3)])
@@ -231,7 +231,7 @@ def test_tap_vanishing_mid_apply_is_one_error_and_no_half_applied_port(run_hook,
     assert r.rc == 0 and r.stdout == "" and "Traceback" not in r.stderr
     assert len(r.errors) == 1, r.stderr
     assert all(w in r.errors[0] for w in ("domain vm1", "interface net1", "No such device"))
-    assert r.elapsed < 1.0
+    assert r.elapsed < 10.0  # a hang bound only
     assert "vnet1" not in fake.devs
     for i in (0, 2):
         links = fake.links()
@@ -261,7 +261,7 @@ def check_plan_error(p, elapsed, words):
     assert err.startswith("netplug plan: error: ")
     for w in words:
         assert w in err, f"{w!r} not in {err!r}"
-    assert elapsed < 1.0
+    assert elapsed < 10.0  # a hang bound only
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +342,7 @@ def test_plan_interface_without_target_is_reported_not_an_error(tmp_path):
     c = tmp_path / "c.toml"
     c.write_text(MANAGED)
     p, elapsed = plan("--domain-xml", str(d), "--config", str(c))
-    assert p.returncode == 0 and p.stderr == b"" and elapsed < 1.0
+    assert p.returncode == 0 and p.stderr == b"" and elapsed < 10.0
     (intent,) = json.loads(p.stdout)["interfaces"]
     assert not intent["managed"] and "no <target dev>" in intent["reason"]
     assert json.loads(p.stdout)["operations"] == []

@@ -32,10 +32,10 @@ NETWORK_OPS = ["start", "started", "port-created", "updated", "port-deleted", "s
 @pytest.fixture
 def host(fake):
     fake.add_bridge("br0")
-    fake.add_tap("vnet0", "br0")
-    fake.add_tap("vnet1", "br0")
+    fake.add_tap("vnet0", "br0", guest=MAC)
+    fake.add_tap("vnet1", "br0", guest=MAC2)
     fake.add_bridge("nbr0")
-    fake.add_tap("vnet10", "nbr0")
+    fake.add_tap("vnet10", "nbr0", guest="52:54:00:00:02:01")
     return fake
 
 

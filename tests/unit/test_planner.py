@@ -107,7 +107,10 @@ def test_foreign_entry_for_the_guest_mac_leaves_the_port_unmanaged(world, state)
     plan, result = Runner(world).run(domain())
     assert "vnet1" in plan.skipped
     (note,) = [n for n in plan.notes if n.level == "error"]
-    assert f"{MACS[1]} is already a {state} entry on port up0" in note.message
+    if state == "static":
+        assert f"{MACS[1]} is already a static entry on port up0" in note.message
+    else:  # a permanent entry is host-local: the host's own address
+        assert f"{MACS[1]} is a host-local entry of port up0" in note.message
     assert "interface net1" in note.message
     assert "vnet1" not in world.written_devices() and "up0" not in world.written_devices()
     assert world.fdb("br0", "up0") == [e for e in before_fdb(before, "up0")]
@@ -171,8 +174,10 @@ def test_cleanup_without_observation_plans_everything_recorded():
     rec = {"vnet0": {"domain": "vm1", "mac": MACS[0], "bridge": "br0", "flags": True,
                      "saved": [True, False], "fdb": [[MACS[0], None], [MACS[0], 7]]}}
     ops = plan_cleanup(rec, None).ops
+    # The VLAN entry before the "no VLAN" one: deleting that one makes the kernel delete the
+    # MAC on every VLAN of the port.
     assert [(type(o).__name__, getattr(o, "vlan", None)) for o in ops] == [
-        ("SetPortFlags", None), ("DeleteFdb", None), ("DeleteFdb", 7)]
+        ("SetPortFlags", None), ("DeleteFdb", 7), ("DeleteFdb", None)]
     assert (ops[0].learning, ops[0].flood) == (True, False)
 
 
@@ -208,29 +213,50 @@ def test_sticky_policy_and_change_of_it(world):
     assert [e.sticky for e in world.fdb("br0", "vnet0") if e.state == "static"] == [False]
 
 
-def test_with_vlan_filtering_entries_carry_the_vlan():
+def test_with_vlan_filtering_entries_cover_every_vlan_of_the_port():
+    """The kernel keys entries by (MAC, VLAN): a port in VLANs 10 and 20 (a trunk, as libvirt
+    11 configures for <vlan trunk='yes'>) needs the guest's MAC on both, plus "no VLAN"."""
     k = FakeKernel(vlan_filtering_supported=True)
     k.add_bridge("br0", vlan_filtering=True)
-    k.add_tap("vnet0", "br0")
-    k.add_tap("vnet1", "br0")
-    dom = parse_domain(domain_xml("vm1", [
-        bridge_iface("br0", "vnet0", MACS[0], extra="<vlan><tag id='42'/></vlan>"),
-        bridge_iface("br0", "vnet1", MACS[1])]))
-    plan, result = Runner(k).run(dom)
+    k.add_tap("vnet0", "br0", guest=MACS[0])
+    k.add_tap("vnet1", "br0", guest=MACS[1])
+    k.set_port_vlans("vnet0", {10, 20}, pvid=None)
+    dom = parse_domain(domain_xml("vm1", [bridge_iface("br0", "vnet0", MACS[0]),
+                                          bridge_iface("br0", "vnet1", MACS[1])]))
+    r = Runner(k)
+    plan, result = r.run(dom)
     assert result.ok
-    assert [(o.device, o.vlan) for o in plan.ops if isinstance(o, ReplaceFdb)] == [
-        ("vnet0", 42), ("vnet1", 1)]
+    # One request per port: with no VLAN the kernel adds every VLAN of the port too.
+    assert [(o.device, o.vlan, o.also_vlans) for o in plan.ops if isinstance(o, ReplaceFdb)] \
+        == [("vnet0", None, (10, 20)), ("vnet1", None, (1,))]
+    assert sorted(((m, v) for (b, m, v), (p, st, _s) in k.table.items()
+                   if p == "vnet0" and st == "static"), key=lambda e: e[1] or 0) == [
+        (MACS[0], None), (MACS[0], 10), (MACS[0], 20)]
+    assert r.record["ports"]["vnet0"]["fdb"] == [[MACS[0], None], [MACS[0], 10],
+                                                 [MACS[0], 20]]
+    assert r.run(dom)[0].ops == ()
+    # The port joins VLAN 30 later: only that entry is added; leaves 10: its entry goes.
+    k.set_port_vlans("vnet0", {20, 30}, pvid=None)
+    plan, _ = r.run(dom)
+    assert [(type(o).__name__, o.vlan) for o in plan.ops] == [("ReplaceFdb", 30),
+                                                              ("DeleteFdb", 10)]
+    assert r.record["ports"]["vnet0"]["fdb"] == [[MACS[0], None], [MACS[0], 20],
+                                                 [MACS[0], 30]]
+    # Stop: every VLAN's entry goes.
+    plan, _ = r.run(domain(0))
+    assert not [k2 for k2, (p, st, _s) in k.table.items() if p == "vnet0" and st == "static"]
 
 
 def test_vlan_filtering_policy_switches_it_on_where_supported():
     k = FakeKernel(vlan_filtering_supported=True)
     k.add_bridge("br0")
-    k.add_tap("vnet0", "br0")
+    k.add_tap("vnet0", "br0", guest=MACS[0])
     r = Runner(k, config_from_dict({"bridge": {"br0": {"promiscLinks": "no",
                                                        "vlanFiltering": "yes"}}}, "c"))
     plan, _ = r.run(domain(1))
     assert isinstance(plan.ops[0], SetVlanFiltering) and k.devs["br0"].vlan_filtering
-    assert r.run(domain(1))[0].ops != ()  # the entry now needs the PVID: replanned once
+    # Entries were planned for the port's VLANs (the default PVID) already: nothing to redo.
+    assert (MACS[0], 1) in [tuple(e) for e in r.record["ports"]["vnet0"]["fdb"]]
     assert r.run(domain(1))[0].ops == ()
 
 

@@ -205,7 +205,7 @@ def test_hook_reports_a_broken_config_once_and_carries_on(run_hook, fake, config
                                                            text, words):
     config_path.write_bytes(text)
     fake.add_bridge("br0")
-    fake.add_tap("vnet0", "br0")
+    fake.add_tap("vnet0", "br0", guest=MAC)
     r = run_hook("qemu", "vm1", "start", domain_xml("vm1", [bridge_iface("br0", "vnet0", MAC)]))
     assert r.rc == 0 and r.stdout == ""
     assert len(r.lines) == 1 and str(config_path) in r.lines[0] and "ERROR" in r.lines[0]

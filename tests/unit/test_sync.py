@@ -44,7 +44,7 @@ def desired() -> Desired:
 def kernel() -> SpyKernel:
     k = SpyKernel()
     k.add_bridge("br0")
-    k.add_tap("vnet0", master="br0")
+    k.add_tap("vnet0", master="br0", guest=GUEST)
     return k
 
 
