@@ -20,11 +20,15 @@ PLAN_OPS = (*sorted(QEMU_APPLY), *sorted(QEMU_CLEANUP), *IGNORED_OPS)
 
 
 def _read_file(path: str, what: str) -> bytes:
+    """At most the XML size limit (and one byte more, so the parser can say it is over):
+    `--domain-xml /dev/zero` must be an error, not a read until memory runs out."""
+    from .xmlsafe import MAX_XML_BYTES
+
     try:
         if path == "-":
-            return sys.stdin.buffer.read()
+            return sys.stdin.buffer.read(MAX_XML_BYTES + 1)
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(MAX_XML_BYTES + 1)
     except OSError as e:
         raise NetplugError(f"{what} {path}: cannot read: {e.strerror}") from None
 

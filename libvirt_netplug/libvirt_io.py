@@ -92,6 +92,7 @@ def read_desired(conn, config: Config, names: Iterable[str] | None = None, *,
     libvirt = load_libvirt()
     networks, errors = read_networks(conn)
     domains: list[Domain] = []
+    unreadable: set[str] = set()  # running, but XML or policy invalid: held, never retired
     known_running: set[str] = set()
     if names is None:
         # libvirtd filters by state, so a running domain costs one round trip (its XML), not
@@ -126,8 +127,9 @@ def read_desired(conn, config: Config, names: Iterable[str] | None = None, *,
                 raise NetplugError(f"domain {d.name()}: {e.get_error_message()}") from None
         except NetplugError as e:
             errors.append(str(e))
+            unreadable.add(name)
     return Desired(tuple(sorted(domains, key=lambda d: d.name)), networks, config,
-                   tuple(errors), read_at)
+                   tuple(errors), read_at, frozenset(unreadable))
 
 
 def query_rx_filters(dom, nic: str | None = None) -> dict[str, RxFilter]:

@@ -195,13 +195,18 @@ def _parse_interface(el: etree._Element, index: int, domain_where: str) -> Inter
     vlan_tag = None
     vlan = sub.get("vlan")
     if vlan is not None:
+        # netplug reads the VLANs a port is in from the kernel (libvirt configures them);
+        # the XML's tags are checked here only so a bad one fails before any change.
         tags = vlan.findall("tag")
-        if len(tags) == 1 and vlan.get("trunk") != "yes":
-            try:
-                vlan_tag = int(tags[0].get("id", ""))
-            except ValueError:
-                raise InputError(f"{where()}: invalid <vlan><tag id> "
-                                 f"{tags[0].get('id')!r}") from None
+        ids = []
+        for tag in tags:
+            raw = tag.get("id", "")
+            if not raw.isdigit() or not 0 <= int(raw) <= 4095:
+                raise InputError(f"{where()}: invalid <vlan><tag id> {raw!r}; VLAN ids are "
+                                 f"0-4095")
+            ids.append(int(raw))
+        if len(ids) == 1 and vlan.get("trunk") != "yes":
+            vlan_tag = ids[0]
     return Interface(
         index=index, type=itype, mac=mac, target=target, alias=alias,
         source_bridge=src_bridge, source_network=_attr(src, "network"),

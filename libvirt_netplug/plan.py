@@ -339,7 +339,9 @@ def plan_ports(intents: Iterable[PortIntent], observed: Observed | None,
         if it.hold:
             if it.tap and it.tap in records:
                 wanted.add(it.tap)
-                if it.reason.startswith("invalid"):
+                # An invalid config is said once by whoever read it; a network's or domain's
+                # invalid policy, once per port it holds.
+                if it.reason.startswith("invalid policy"):
                     notes.append(Note("error", f"{it.ctx.describe()}: {it.reason}; keeping "
                                                f"tap {it.tap} as netplug left it",
                                       once_key=f"hold:{it.domain}:{it.tap}:{it.reason[:60]}"))

@@ -25,6 +25,8 @@ DEFAULT_MAX_MULTICAST = 64
 DEFAULT_MAX_UNICAST = 64
 MAX_CAP = 4096  # a cap is a safety limit, not a way to say "unbounded"
 
+MAX_CONFIG_BYTES = 256 * 1024  # every hook reads it: a real config is a few hundred bytes
+
 _BOOL_WORDS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
 
 
@@ -176,6 +178,11 @@ class Config:
         return self.direct.get(dev or "", Policy())
 
 
+def _ifname_ok(name: str) -> bool:
+    return 0 < len(name.encode("utf-8", "surrogateescape")) < 16 and name not in (".", "..") \
+        and not any(c in name for c in "/: \t\n\r\x00")
+
+
 def config_path(explicit: str | None = None) -> str:
     return explicit or os.environ.get("NETPLUG_CONFIG") or DEFAULT_CONFIG
 
@@ -184,17 +191,35 @@ def load_config(path: str | None = None) -> Config:
     """Load the TOML config; a missing file is an empty config, a broken one a PolicyError."""
     path = config_path(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        # O_NONBLOCK: a FIFO put in the config's place must not hang every hook.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return Config(path=None)
     except OSError as e:
         raise PolicyError(f"config {path}: cannot read: {e.strerror}") from None
     try:
+        with os.fdopen(fd, "rb") as f:
+            import stat
+
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise PolicyError(f"config {path}: not a regular file")
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise PolicyError(f"config {path}: cannot read: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise PolicyError(f"config {path}: over {MAX_CONFIG_BYTES // 1024} KiB; a netplug "
+                          f"config is a few tables of settings: check the file")
+    try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise PolicyError(f"config {path}: invalid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses per level of nested arrays/inline tables
+        raise PolicyError(f"config {path}: invalid TOML: arrays or tables nested too deeply; "
+                          f"a netplug config is [bridge.NAME] and [direct.DEV] tables of "
+                          f"settings") from None
     return config_from_dict(data, path)
+
+
 
 
 def config_from_dict(data: Mapping[str, Any], path: str) -> Config:
@@ -211,6 +236,9 @@ def config_from_dict(data: Mapping[str, Any], path: str) -> Config:
             target = bridges if key == "bridge" else direct
             for name, table in value.items():
                 where = f"config {path} [{key}.{name}]"
+                if not _ifname_ok(name):
+                    raise PolicyError(f"{where}: {name!r} is not a valid Linux interface name "
+                                      f"(1-15 bytes, no '/', ':' or whitespace)")
                 if not isinstance(table, dict):
                     raise PolicyError(f"{where}: must be a table of settings")
                 target[name] = policy_from_mapping(table, where)

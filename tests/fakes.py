@@ -483,8 +483,9 @@ def guest_mac(n: int) -> str:
 
 
 def tap_mac(guest: str) -> str:
-    """libvirt's tap address for a guest MAC: same tail, first byte 0xfe."""
-    return "fe" + guest[2:]
+    """libvirt's tap address for a guest MAC: same tail, first byte 0xfe (0xfa when the
+    guest's own first byte is 0xfe: virNetDevTapCreateInBridgePort)."""
+    return ("fa" if guest[:2] == "fe" else "fe") + guest[2:]
 
 
 
