@@ -9,6 +9,8 @@ does not stop the hook and is reported once.
 
 from __future__ import annotations
 
+import os
+
 import itertools
 
 import pytest
@@ -165,6 +167,15 @@ CONFIG_ERRORS = [
     ("unknown-key", b"[direct.eth0]\nrxFilter = 'mac'\n", ["[direct.eth0]",
                                                            "unknown policy setting 'rxFilter'"]),
     ("bad-strict", b"strict = 'sometimes'\n", ["strict='sometimes'"]),
+    ("bridge-name-invalid", b"[bridge.'br 0']\npromiscLinks = 'no'\n",
+     ["[bridge.br 0]", "not a valid Linux interface name"]),
+    ("bridge-name-too-long", b"[bridge.abcdefghijklmnopq]\npromiscLinks = 'no'\n",
+     ["not a valid Linux interface name"]),
+    ("direct-name-slash", b"[direct.'a/b']\nrxFilters = 'mac'\n",
+     ["not a valid Linux interface name"]),
+    ("over-256KiB", b"#" * (10 * 1024 * 1024), ["over 256 KiB"]),
+    ("nested-too-deep", b"a = " + b"[" * 20000 + b"]" * 20000, ["nested too deeply"]),
+    ("cap-out-of-range", b"[direct.eth0]\nmaxMulticast = 100000\n", ["0 to 4096"]),
 ]
 
 
@@ -182,8 +193,15 @@ def test_config_errors_name_the_file(tmp_path, name, text, words):
 
 
 def test_config_directory_cannot_be_read(tmp_path):
-    with pytest.raises(PolicyError, match=f"config {tmp_path}: cannot read"):
+    with pytest.raises(PolicyError, match=f"config {tmp_path}: cannot read: Is a directory"):
         load_config(str(tmp_path))
+
+
+def test_a_fifo_in_place_of_the_config_does_not_hang(tmp_path):
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)  # nobody writes: a blocking open would wait forever
+    with pytest.raises(PolicyError, match="not a regular file"):
+        load_config(str(fifo))
 
 
 def test_missing_config_is_empty(tmp_path):
