@@ -165,10 +165,17 @@ def _sync_ports(ctx: _Context, name: str, intents: list, op: str, *,
 
 
 def _apply_domain(ctx: _Context, domain, op: str) -> None:
-    from .plan import bridge_intents
+    from .plan import bridge_intents, with_extra_macs
 
     intents = bridge_intents(domain, _networks_for(ctx, domain), ctx.config,
                              config_error=ctx.config_error)
+    if any("unicast" in it.policy.rx for it in intents if it.managed):
+        # A hook cannot ask QEMU for the guest's filter: the extra MACs the agent recorded
+        # stay (the agent updates them).
+        record = _own_record(ctx, domain.name)
+        if record is None:
+            return
+        intents = with_extra_macs(intents, record.get("ports") or {}, None, [])
     if any(it.managed and it.policy.strict for it in intents):
         ctx.strict = True
     for it in intents:

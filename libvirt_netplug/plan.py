@@ -7,7 +7,7 @@ planned unconditionally.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Iterable, Mapping, Sequence, TYPE_CHECKING
 
@@ -220,6 +220,46 @@ def held_intents(domain: str, records: Mapping[str, Mapping[str, Any]],
                           vlan_tag=None)
         out.append(PortIntent(domain, iface, rec.get("bridge"), rec.get("network"), Policy(),
                               managed=False, reason=reason, hold=True))
+    return out
+
+
+def with_extra_macs(intents: Iterable[PortIntent], records: Mapping[str, Mapping[str, Any]],
+                    filters: Mapping[str, Any] | None, notes: list[Note]) -> list[PortIntent]:
+    """Bridge intents with the MACs their guests use besides their own (policy 'unicast':
+    keepalived's VRRP MAC, a macvlan or a bridge inside the guest — with learning off they
+    get no unicast otherwise). From the guest's RX filter where QEMU was asked
+    (``filters``: RxFilter by NIC alias; a PartialFilters names the NICs asked), else as last
+    recorded (a hook cannot ask). At most maxUnicast; the planner refuses any that is not
+    the guest's to claim."""
+    out = []
+    asked = getattr(filters, "asked", None)
+    for it in intents:
+        if not it.managed or "unicast" not in it.policy.rx:
+            out.append(it)
+            continue
+        alias = it.interface.alias
+        f = None
+        if filters is not None and (asked is None or alias in asked):
+            f = filters.get(alias or "")
+        if f is None:
+            rec = records.get(it.tap or "") or {}
+            macs = list(rec.get("extra") or ()) if rec.get("mac") == it.mac else []
+            out.append(replace(it, extra_macs=tuple(macs)))
+            continue
+        macs = sorted(m for m in f.unicast_table if m != it.mac)
+        cap = it.policy.unicast_cap
+        incomplete = f.unicast_overflow or f.unicast == "all"
+        if len(macs) > cap or incomplete:
+            left = ", ".join(macs[cap:]) if len(macs) > cap else "the ones it did not report"
+            notes.append(Note("warning",
+                              f"{it.ctx.describe()}: the guest uses more unicast MACs than "
+                              f"netplug mirrors (maxUnicast={cap}"
+                              f"{', its table overflowed' if incomplete else ''}): {left} get "
+                              f"no unicast while learning is off; raise maxUnicast or set "
+                              f"promiscLinks='yes' for this interface",
+                              once_key=f"unicast-cap:{it.domain}:{it.tap}:{len(macs)}"))
+            macs = macs[:cap]
+        out.append(replace(it, extra_macs=tuple(macs)))
     return out
 
 

@@ -20,7 +20,8 @@ from .errors import DeviceGone, NetplugError
 from .kernel import Kernel
 from .model import Domain, Network
 from .ops import Operation
-from .plan import Note, Observed, PortIntent, bridge_intents, plan_cleanup, plan_ports
+from .plan import (Note, Observed, PortIntent, bridge_intents, plan_cleanup, plan_ports,
+                   with_extra_macs)
 from .policy import Config
 from .rxfilter import (MacvtapIntent, RxFilter, desired_from_record, macvtap_intents, plan_rx,
                        plan_rx_cleanup, rx_intent_notes)
@@ -55,6 +56,15 @@ class DomainSync:
     notes: list[Note] = field(default_factory=list)
     rx_queried: bool = False  # QEMU was asked for this domain's guest RX filters ...
     rx_error: NetplugError | None = None  # ... and this is why it could not answer
+
+    @property
+    def rx_aliases(self) -> frozenset[str]:
+        """NICs whose guest RX filter netplug follows: managed macvtaps, and bridge ports
+        whose policy mirrors the guest's extra unicast MACs (rxFilters 'unicast')."""
+        return frozenset(
+            [i.interface.alias for i in self.macvtap_intents if i.managed and i.interface.alias]
+            + [i.interface.alias for i in self.bridge_intents
+               if i.managed and "unicast" in i.policy.rx and i.interface.alias])
 
 
 @dataclass
@@ -130,7 +140,7 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
                                                      config_error=desired.config_error),
                         macvtap_intents(d, desired.networks, desired.config))
         syncs[d.name] = ds
-        if rx_source is not None and any(i.managed for i in ds.macvtap_intents):
+        if rx_source is not None and ds.rx_aliases:
             ds.rx_queried = True
             try:
                 filters[d.name] = rx_source(d)
@@ -182,6 +192,8 @@ def sync(kernel: Kernel, state: StateDir, desired: Desired, *, rx_source: RxSour
         rx_plans: dict[str, dict[str, Any]] = {}
         for name, ds in syncs.items():
             rec = records.get(name, {})
+            ds.bridge_intents = with_extra_macs(ds.bridge_intents, rec.get("ports", {}),
+                                                filters.get(name), ds.notes)
             pp = plan_ports(ds.bridge_intents, observed, rec.get("ports"))
             port_plans[name] = pp
             ds.ops += pp.ops

@@ -124,3 +124,84 @@ def test_qemu_is_asked_before_the_state_lock_and_a_failure_is_per_domain(state_p
     assert by_name["vm2"].rx_queried and "not running" in str(by_name["vm2"].rx_error)
     assert GROUP in k.devs["mvt0"].mc and GROUP not in k.devs["mvt1"].mc
     assert any("vm2: cannot read guest RX filters" in n.message for n in report.notes)
+
+
+# -- guests that use more MACs than their own (policy 'unicast' on a bridge port) -------------
+
+VRRP = "00:00:5e:00:01:0a"  # keepalived's virtual MAC for VRID 10
+INNER = "52:54:00:aa:00:33"  # a macvlan inside the guest
+
+
+def unicast_world(state_path, policy="no"):
+    k = FakeKernel()
+    br = k.add_bridge("br0")
+    k.add_veth("up0", master="br0")
+    k.add_tap("vnet0", master="br0", guest=GUEST)
+    k.add_tap("vnet1", master="br0", guest="52:54:00:aa:00:02")
+    attrs = {"promiscLinks": "no"}
+    if policy == "no":
+        attrs["rxFilters"] = "unicast"
+    xml = domain_xml("vm1", [bridge_iface("br0", "vnet0", GUEST, alias="net0")],
+                     metadata=policy_xml(**attrs))
+    return k, br, Desired((parse_domain(xml),), {}, Config()), StateDir(str(state_path))
+
+
+def statics(k, port):
+    return sorted(m for (b, m, v), (p, st, _s) in k.table.items() if p == port and st == "static")
+
+
+def test_the_guests_extra_unicast_macs_get_entries_on_its_tap_and_go_when_dropped(state_path):
+    k, _br, want, state = unicast_world(state_path)
+    table = [VRRP, INNER]
+    asked = []
+
+    def rx_source(domain):
+        asked.append(domain.name)
+        return {"net0": RxFilter("net0", GUEST, unicast_table=tuple(table))}
+
+    report = sync(k, state, want, rx_source=rx_source)
+    assert asked == ["vm1"] and not report.errors
+    assert statics(k, "vnet0") == sorted([GUEST, VRRP, INNER])
+    assert state.domain("vm1")["ports"]["vnet0"]["extra"] == sorted([VRRP, INNER])
+    # A hook (which cannot ask QEMU) keeps what the agent recorded: nothing is replanned.
+    assert sync(k, state, want).planned == []
+    table.remove(VRRP)  # keepalived gave up the master role
+    sync(k, state, want, rx_source=rx_source)
+    assert statics(k, "vnet0") == sorted([GUEST, INNER])
+    # Stop: every entry goes.
+    sync(k, state, Desired((), {}, Config()))
+    assert statics(k, "vnet0") == []
+
+
+def test_without_the_unicast_policy_extra_macs_are_ignored(state_path):
+    k, _br, want, state = unicast_world(state_path, policy="none")
+    report = sync(k, state, want, rx_source=lambda d: {"net0": RxFilter(
+        "net0", GUEST, unicast_table=(VRRP,))})
+    assert statics(k, "vnet0") == [GUEST] and not report.errors
+    assert report.domains[0].rx_queried is False  # nothing to ask QEMU for
+
+
+def test_an_extra_mac_that_is_not_the_guests_to_claim_is_refused(state_path):
+    k, br, want, state = unicast_world(state_path)
+    k.add_static("vnet1", "52:54:00:aa:00:44")  # another port's static entry
+    up_addr = k.devs["up0"].address
+    table = (br.address, up_addr, "52:54:00:aa:00:44", VRRP)
+    report = sync(k, state, want, rx_source=lambda d: {"net0": RxFilter(
+        "net0", GUEST, unicast_table=table)})
+    assert statics(k, "vnet0") == sorted([GUEST, VRRP])
+    assert k.table[("br0", br.address, None)] == ("br0", "permanent", False)
+    assert k.table[("br0", up_addr, None)][0] == "up0"
+    errors = [n.message for n in report.notes if n.level == "error"]
+    assert len(errors) == 3 and all("not claiming the guest's extra MAC" in e for e in errors)
+
+
+def test_extra_macs_are_capped_by_max_unicast(state_path):
+    k, _br, _want, state = unicast_world(state_path)
+    xml = domain_xml("vm1", [bridge_iface("br0", "vnet0", GUEST, alias="net0")],
+                     metadata=policy_xml(promiscLinks="no", rxFilters="unicast", maxUnicast="2"))
+    want = Desired((parse_domain(xml),), {}, Config())
+    table = tuple(f"02:00:00:00:01:{i:02x}" for i in range(5))
+    report = sync(k, state, want, rx_source=lambda d: {"net0": RxFilter(
+        "net0", GUEST, unicast_table=table)})
+    assert statics(k, "vnet0") == sorted([GUEST, *table[:2]])
+    assert any("maxUnicast=2" in n.message for n in report.notes)
