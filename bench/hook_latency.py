@@ -377,6 +377,16 @@ def importtime(python: str, argv: list[str], stdin: bytes, before=None) -> list[
     return out
 
 
+def import_tree(lines: list[tuple]) -> list[dict]:
+    """importtime prints each module after its children, one level deeper: rebuild the tree.
+    Returns the top-level nodes {module, self, cum, children}."""
+    pending: dict[int, list[dict]] = {}
+    for level, mod, s, c in lines:
+        node = {"module": mod, "self": s, "cum": c, "children": pending.pop(level + 1, [])}
+        pending.setdefault(level, []).append(node)
+    return pending.get(0, [])
+
+
 def import_ranking(python: str, shim: str, op: str, xml: bytes, state: str, runs: int) -> dict:
     startup = {m for _l, m, _s, _c in importtime(python, ["-c", "pass"], b"")}
     argv = [shim, "vm1", op, "begin", "-"]
@@ -387,40 +397,51 @@ def import_ranking(python: str, shim: str, op: str, xml: bytes, state: str, runs
             verify_applied()
         if n:
             samples.append(one)
+    # Medians by module, and by place in the tree (the import order is the same every run).
+    by_path: dict[tuple, list[tuple[int, int]]] = {}
     selfs: dict[str, list[int]] = {}
-    cums: dict[str, list[int]] = {}
-    children: dict[str, set[str]] = {}
-    top: list[str] = []
+
+    def walk(nodes, path):
+        for node in nodes:
+            p = (*path, node["module"])
+            by_path.setdefault(p, []).append((node["self"], node["cum"]))
+            walk(node["children"], p)
+
     for one in samples:
-        stack: list[tuple[int, str]] = []
-        # importtime prints a module after its children: walk backwards to find parents.
-        for level, mod, s, c in reversed(one):
-            while stack and stack[-1][0] >= level:
-                stack.pop()
-            if stack:
-                children.setdefault(stack[-1][1], set()).add(mod)
-            elif mod not in startup and mod not in top:
-                top.append(mod)
-            stack.append((level, mod))
-            selfs.setdefault(mod, []).append(s)
-            cums.setdefault(mod, []).append(c)
+        walk([r for r in import_tree(one) if r["module"] not in startup], ())
+        for _l, mod, s, _c in one:
+            if mod not in startup:
+                selfs.setdefault(mod, []).append(s)
+
+    def node(path) -> dict:
+        vals = by_path[path]
+        kids = [p for p in by_path if len(p) == len(path) + 1 and p[:-1] == path]
+        return {"module": path[-1],
+                "self_ms": round(statistics.median(v[0] for v in vals) / 1000, 2),
+                "cumulative_ms": round(statistics.median(v[1] for v in vals) / 1000, 2),
+                "children": sorted((node(k) for k in kids), key=lambda n: -n["cumulative_ms"])}
+
+    tree = sorted((node(p) for p in by_path if len(p) == 1), key=lambda n: -n["cumulative_ms"])
     med_self = {m: statistics.median(v) / 1000 for m, v in selfs.items()}
-    med_cum = {m: statistics.median(v) / 1000 for m, v in cums.items()}
-    hook_mods = [m for m in med_self if m not in startup]
-    ranked_top = sorted(top, key=lambda m: -med_cum[m])
+    startup_ms = statistics.median(sum(s for _l, m, s, _c in one if m in startup)
+                                   for one in samples) / 1000
     return {
         "runs": runs,
-        "startup_ms": round(sum(med_self[m] for m in med_self if m in startup), 2),
-        "hook_imports_ms": round(sum(med_self[m] for m in hook_mods), 2),
-        "modules": len(hook_mods),
-        "direct": [{"module": m, "cumulative_ms": round(med_cum[m], 2),
-                    "self_ms": round(med_self[m], 2),
-                    "heaviest": [(c, round(med_cum[c], 2)) for c in
-                                 sorted(children.get(m, ()), key=lambda c: -med_cum[c])[:4]]}
-                   for m in ranked_top],
-        "self": [(m, round(med_self[m], 2)) for m in sorted(hook_mods,
-                                                            key=lambda m: -med_self[m])[:25]],
+        "startup_ms": round(startup_ms, 2),
+        "hook_imports_ms": round(sum(n["cumulative_ms"] for n in tree), 2),
+        "modules": len(med_self),
+        "tree": tree,
+        "self": [(m, round(t, 2)) for m, t in sorted(med_self.items(), key=lambda kv: -kv[1])],
     }
+
+
+def print_tree(nodes: list[dict], min_ms: float, depth: int, level: int = 0) -> None:
+    for n in nodes:
+        if n["cumulative_ms"] < min_ms:
+            continue
+        print(f"    {n['cumulative_ms']:7.2f} {n['self_ms']:6.2f}  {'  ' * level}{n['module']}")
+        if level + 1 < depth:
+            print_tree(n["children"], min_ms, depth, level + 1)
 
 
 def breakdown(args, setups: list[Setup], tmp: str, load_before: str) -> int:
@@ -458,15 +479,12 @@ def breakdown(args, setups: list[Setup], tmp: str, load_before: str) -> int:
             print(f"  -X importtime, {op} begin ({imp['runs']} runs, medians): interpreter "
                   f"start imports {imp['startup_ms']:.1f} ms; hook path {imp['modules']} "
                   f"modules, {imp['hook_imports_ms']:.1f} ms self time in all")
-            print("  imports the hook path makes directly, by cumulative time (heaviest "
-                  "children):")
-            for d in imp["direct"]:
-                kids = ", ".join(f"{c} {t:.1f}" for c, t in d["heaviest"])
-                print(f"    {d['cumulative_ms']:7.2f}  {d['module']}" + (f"  ({kids})" if kids
-                                                                         else ""))
+            print(f"  what the hook path imports (cumulative, self; ms), what each import "
+                  f"brings, down to {args.tree_min:g} ms:")
+            print_tree(imp["tree"], args.tree_min, depth=5)
             if op == "start":
                 print("  self time by module (top 25):")
-                for m, t in imp["self"]:
+                for m, t in imp["self"][:25]:
                     print(f"    {t:7.2f}  {m}")
     hookenv.write_json(doc, args.json)
     return 0
@@ -486,6 +504,8 @@ def main(argv=None) -> int:
                          "bench (default both)")
     ap.add_argument("--breakdown", action="store_true",
                     help="instead of the timing: phases and -X importtime of the -IS shim")
+    ap.add_argument("--tree-min", type=float, default=0.5, metavar="MS",
+                    help="--breakdown: show imports down to this cumulative time (default 0.5)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-': stdout)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
