@@ -478,7 +478,7 @@ def breakdown(args, setups: list[Setup], tmp: str, load_before: str) -> int:
         for op, imp in res["imports"].items():
             print(f"  -X importtime, {op} begin ({imp['runs']} runs, medians): interpreter "
                   f"start imports {imp['startup_ms']:.1f} ms; hook path {imp['modules']} "
-                  f"modules, {imp['hook_imports_ms']:.1f} ms self time in all")
+                  f"modules, {imp['hook_imports_ms']:.1f} ms in all")
             print(f"  what the hook path imports (cumulative, self; ms), what each import "
                   f"brings, down to {args.tree_min:g} ms:")
             print_tree(imp["tree"], args.tree_min, depth=5)
