@@ -420,7 +420,7 @@ def main(argv=None) -> int:
           f"({cores} cores; load average before {load_before}, after {results['load_after']})")
     print(f"  hooks: {hookenv.describe(args.python, python)}; {shim_label}")
     print(f"  {'domains':>7} {'ports':>6} {'bridges':>7} {'':>2}{'storm wall':>11} "
-          f"{'hook median':>12} {'p90':>8} {'max':>8} {'CPU/hook':>9}   {'no-op sh wall':>13} "
+          f"{'hook median':>12} {'p90':>8} {'max':>8} {'CPU/hook':>9} {'cores':>6}   {'no-op sh wall':>13} "
           f"{'median':>8} {'max':>8}  {'vs ideal':>8}  state files written")
     for n, r in results["sizes"].items():
         nn, sh = r["netplug"], r["noop_sh"]
@@ -429,7 +429,7 @@ def main(argv=None) -> int:
         r["storm_over_ideal"] = round(nn["wall_s"] / ideal, 3)
         print(f"  {n:>7} {r['ports']:>6} {r['bridges']:>7}   {nn['wall_s']:>9.2f} s "
               f"{nn['median_ms']:>9.1f} ms {nn['p90_ms']:>8.1f} {nn['max_ms']:>8.1f} "
-              f"{nn['cpu_per_hook_ms']:>9.1f}   "
+              f"{nn['cpu_per_hook_ms']:>9.1f} {nn['cpu_s'] / nn['wall_s']:>6.2f}   "
               f"{sh['wall_s']:>11.2f} s {sh['median_ms']:>8.1f} {sh['max_ms']:>8.1f}  "
               f"{nn['wall_s'] / ideal:>7.2f}x  {len(r['state_files_changed'])}")
         if nn["with_stderr"]:
@@ -439,8 +439,9 @@ def main(argv=None) -> int:
             checks[f"1,000-domain storm <= {TARGET_STORM_FACTOR:g} x (1,000 x {one * 1000:.1f} "
                    f"ms / {width}) = {TARGET_STORM_FACTOR * ideal:.2f} s"] = \
                 nn["wall_s"] <= TARGET_STORM_FACTOR * ideal
-    print(f"  (ideal = domains x one hook alone ({one * 1000:.1f} ms, below) / min({args.parallel}"
-          f", {cores} cores))")
+    print(f"  (CPU/hook: user + system time of the hook processes / hooks; cores: their CPU time "
+          f"/ wall time, what they got of the machine; ideal = domains x one hook alone "
+          f"({one * 1000:.1f} ms, below) / min({args.parallel}, {cores} cores))")
     print(f"  per-hook `reconnect` of a 2-NIC domain, alone, {args.ab_runs} interleaved pairs "
           f"(ms):")
     print(f"    {'':<44} {'median':>8} {'p90':>8} {'min':>8} {'max':>8} {'CPU median':>11}")
