@@ -177,3 +177,20 @@ def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert s.domain("vm1")["ports"]["vnet0"]["n"] == 1  # the old record survives
     assert sorted(os.listdir(tmp_path / "domains")) == ["vm1.json"]
+
+
+def test_file_names_are_urllib_quoting_without_importing_it():
+    """The hook path's own percent-encoding must name files exactly as urllib.parse.quote
+    (safe="") did, or an upgrade would lose track of existing records."""
+    import random
+    import urllib.parse
+
+    from libvirt_netplug.state import quote, unquote
+
+    rng = random.Random(7)
+    names = ["vm1", "a/b", "..", ".hidden", "ünïcode", "with space", "50%", "%41", "~_-.", "%",
+             "a%2", "x" * 300] + ["".join(chr(rng.randint(1, 0x2FF)) for _ in range(20))
+                                  for _ in range(500)]
+    for n in names:
+        assert quote(n) == urllib.parse.quote(n, safe=""), n
+        assert unquote(quote(n)) == n == urllib.parse.unquote(quote(n))
