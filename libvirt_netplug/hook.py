@@ -134,8 +134,11 @@ def _sync_ports(ctx: _Context, name: str, intents: list, op: str, *,
         for n in plan_ports(intents, None).notes:
             ctx.note(n)
         return
+    def owner_of(tap: str, ifindex: int) -> str | None:
+        return ctx.state.port_owner(tap, ifindex, me=name)
+
     with NetlinkKernel() as kernel:
-        observed = observe_ports(kernel, intents, pick(record), ctx.state.port_owner)
+        observed = observe_ports(kernel, intents, pick(record), owner_of)
         plan = plan_ports(intents, observed, pick(record))
         if not plan.ops:
             after = copy.deepcopy(record)
@@ -150,7 +153,7 @@ def _sync_ports(ctx: _Context, name: str, intents: list, op: str, *,
             record = _own_record(ctx, name)
             if record is None:
                 return
-            observed = observe_ports(kernel, intents, pick(record), ctx.state.port_owner)
+            observed = observe_ports(kernel, intents, pick(record), owner_of)
             plan = plan_ports(intents, observed, pick(record))
             for n in plan.notes:
                 ctx.note(n)
