@@ -12,6 +12,9 @@ initramfs modules) and inside the guest (which sees this directory through the h
 Initramfs: static busybox, the 9p/virtio modules needed to mount the host's root (listed by
 ``modprobe --show-depends``, decompressed), and ``init`` (this directory) as /init.
 
+``NETPLUG_VLANKERNEL_DEB=/path/to/linux-image-….deb`` uses that package instead (e.g. Debian 13's
+6.12 on a Debian 12 host).
+
 Cache: ``<lab cache>/vlankernel/<package>/`` (``$NETPLUG_LAB_CACHE`` or ``<repo>/.lab-cache``),
 the initramfs named by a hash of its inputs. Host side only.
 """
@@ -34,7 +37,7 @@ from pathlib import Path
 from tests.lab.guest import _busybox, _Cpio, cache_dir, resolve_kernel_package
 
 INIT = Path(__file__).with_name("init")
-BUILD_FORMAT = "1"  # bump to rebuild every cached kernel tree and initramfs
+BUILD_FORMAT = "2"  # bump to rebuild every cached kernel tree and initramfs
 
 # What the initramfs needs to mount the host's root over virtio-9p (dependencies follow).
 BOOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
@@ -109,27 +112,46 @@ def _unpack(deb: Path, dest: Path) -> str:
     return version
 
 
+def _download(tmp: Path) -> Path:
+    """``apt-get download`` the kernel package; once more after ``apt-get update`` if the
+    package lists are stale (that version left the mirror, or the ABI name moved on)."""
+    for attempt in (1, 2):
+        pkg = kernel_package()
+        r = _run(["apt-get", "download", pkg], cwd=tmp)
+        debs = list(tmp.glob("*.deb"))
+        if r.returncode == 0 and debs:
+            return debs[0]
+        if attempt == 1:
+            _run(["apt-get", "update", "-qq"])
+    raise ImageError(f"`apt-get download {pkg}` failed (exit {r.returncode}): "
+                     f"{r.stderr.strip()}")
+
+
 def kernel_tree(cache: Path) -> KernelTree:
-    pkg = kernel_package()
+    deb = os.environ.get("NETPLUG_VLANKERNEL_DEB")
+    pkg = Path(deb).name.split("_")[0] if deb else kernel_package()
     dest = cache / "vlankernel" / pkg
-    stamp = dest / f".built-{BUILD_FORMAT}"
-    if not stamp.exists():
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True)
-        with tempfile.TemporaryDirectory(prefix="deb-", dir=dest.parent) as tmp:
-            r = _run(["apt-get", "download", pkg], cwd=tmp)
-            debs = list(Path(tmp).glob("*.deb"))
-            if r.returncode != 0 or not debs:
-                raise ImageError(f"`apt-get download {pkg}` failed (exit {r.returncode}): "
-                                 f"{r.stderr.strip()}")
-            version = _unpack(debs[0], dest)
-        r = _run(["depmod", "-b", str(dest), version])
-        if r.returncode != 0:
-            raise ImageError(f"depmod -b {dest} {version} failed: {r.stderr.strip()}")
-        (dest / "version").write_text(version + "\n")
-        stamp.touch()
+    if not (dest / f".built-{BUILD_FORMAT}").exists():
+        with tempfile.TemporaryDirectory(prefix="deb-", dir=cache) as tmp:
+            path = Path(deb) if deb else _download(Path(tmp))
+            dest = cache / "vlankernel" / path.name.split("_")[0]
+            _build_tree(path, dest)
     version = (dest / "version").read_text().strip()
-    return KernelTree(pkg, version, dest / "vmlinuz", dest)
+    return KernelTree(dest.name, version, dest / "vmlinuz", dest)
+
+
+def _build_tree(deb: Path, dest: Path) -> None:
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    version = _unpack(deb, dest)
+    # kmod looks under lib/modules or, built for a merged /usr (newer Debian), usr/lib/modules.
+    (dest / "usr" / "lib").mkdir(parents=True)
+    (dest / "usr" / "lib" / "modules").symlink_to("../../lib/modules")
+    r = _run(["depmod", "-b", str(dest), version])
+    if r.returncode != 0:
+        raise ImageError(f"depmod -b {dest} {version} failed: {r.stderr.strip()}")
+    (dest / "version").write_text(version + "\n")
+    (dest / f".built-{BUILD_FORMAT}").touch()
 
 
 def show_depends(tree: KernelTree, modules: tuple[str, ...]) -> list[Path]:
@@ -148,12 +170,12 @@ def show_depends(tree: KernelTree, modules: tuple[str, ...]) -> list[Path]:
 
 
 def _module_bytes(path: Path) -> bytes:
+    """The module, uncompressed (busybox's insmod hands the file to the kernel as it is)."""
     data = path.read_bytes()
-    if path.name.endswith(".xz"):
+    if path.name.endswith(".ko.xz"):  # Debian 13
         return lzma.decompress(data)
-    if path.name.endswith(".zst"):
-        r = subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True)
-        return r.stdout
+    if not path.name.endswith(".ko"):
+        raise ImageError(f"{path.name}: unknown module compression")
     return data
 
 

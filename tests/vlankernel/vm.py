@@ -21,13 +21,15 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from .image import Image, ImageError, build
 
 REPO = Path(__file__).resolve().parents[2]
-QEMU = "qemu-system-x86_64"
+QEMU = os.environ.get("NETPLUG_VLANKERNEL_QEMU", "qemu-system-x86_64")
 GUEST_DIR = "/run/netplug-vm"  # where the run directory appears inside the guest
 INNER_TESTS = "tests/vlankernel/inner"
 # Loaded before the job runs: module autoloading inside the guest would look for modprobe in
@@ -83,10 +85,11 @@ def _run_dir(image: Image) -> Path:
 
 
 def qemu_argv(image: Image, run_dir: Path, memory_mib: int, cpus: int) -> list[str]:
-    append = ("console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off "
-              "net.ifnames=0 tsc=reliable")
+    # mitigations=off: speculative-execution defences cost emulated cycles and protect nothing
+    # in a throwaway VM; tsc=reliable: no clocksource watchdog fighting TCG's uneven clock.
+    append = "console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off tsc=reliable"
     return [
-        QEMU, "-accel", "tcg", "-cpu", os.environ.get("NETPLUG_VLANKERNEL_CPU", "max"), "-m", str(memory_mib), "-smp", str(cpus),
+        QEMU, "-accel", "tcg", "-cpu", "max", "-m", str(memory_mib), "-smp", str(cpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", "stdio", "-monitor", "none",
         "-kernel", str(image.kernel.vmlinuz), "-initrd", str(image.initrd), "-append", append,
@@ -98,8 +101,9 @@ def qemu_argv(image: Image, run_dir: Path, memory_mib: int, cpus: int) -> list[s
 
 
 def run_job(script: str, *, timeout: float = 600, memory_mib: int = 1024, cpus: int = 1,
-            image: Image | None = None) -> Result:
-    """Boot the VM, run ``script`` with /bin/sh in the host's root (chrooted), power off."""
+            image: Image | None = None, on_line: Callable[[str], None] | None = None) -> Result:
+    """Boot the VM, run ``script`` with /bin/sh in the host's root (chrooted), power off.
+    ``on_line`` sees each console line as it arrives (the console is kept either way)."""
     image = image or build()
     run_dir = _run_dir(image)
     (run_dir / "job").write_text(script)
@@ -107,15 +111,18 @@ def run_job(script: str, *, timeout: float = 600, memory_mib: int = 1024, cpus: 
     (run_dir / "qemu.argv").write_text(shlex.join(argv) + "\n")
     t0 = time.monotonic()
     timed_out = False
-    with open(run_dir / "console.log", "wb") as console:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
-                                stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            proc.kill()  # our own QEMU, by its pid
-            proc.wait()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    copier = threading.Thread(target=_keep_console, daemon=True,
+                              args=(proc, run_dir / "console.log", on_line))
+    copier.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()  # our own QEMU, by its pid
+        proc.wait()
+    copier.join(10)
     seconds = time.monotonic() - t0
     rc = None
     try:
@@ -125,6 +132,23 @@ def run_job(script: str, *, timeout: float = 600, memory_mib: int = 1024, cpus: 
     text = (run_dir / "console.log").read_text(errors="replace")
     marks = {m.group(1).split()[0]: float(m.group(2)) for m in MARK.finditer(text)}
     return Result(rc, run_dir, seconds, timed_out, marks)
+
+
+def _keep_console(proc: subprocess.Popen, path: Path,
+                  on_line: Callable[[str], None] | None) -> None:
+    assert proc.stdout is not None
+    with open(path, "wb") as log:
+        for raw in proc.stdout:
+            log.write(raw)
+            log.flush()
+            if on_line:
+                on_line(raw.decode(errors="replace").rstrip("\r\n"))
+
+
+def venv_python() -> str:
+    """The interpreter under test (the worktree's .venv, which the guest sees at this path)."""
+    cand = REPO / ".venv" / "bin" / "python"
+    return str(cand) if cand.exists() else sys.executable
 
 
 def pytest_script(image: Image, args: list[str], env: dict[str, str] | None = None) -> str:
@@ -140,8 +164,7 @@ def pytest_script(image: Image, args: list[str], env: dict[str, str] | None = No
     }
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
     modprobe = shlex.join(["modprobe", "-d", str(image.kernel.modroot), "-a", *TEST_MODULES])
-    pytest = shlex.join([sys.executable if not (REPO / ".venv/bin/python").exists()
-                         else str(REPO / ".venv/bin/python"), "-m", "pytest",
+    pytest = shlex.join([venv_python(), "-m", "pytest",
                          "-p", "no:cacheprovider", f"--junitxml={GUEST_DIR}/junit.xml",
                          *args])
     return f"""\
