@@ -47,13 +47,17 @@ def inside() -> bool:
         def onoff(flags: tuple[bool, bool]) -> str:
             return "/".join("on" if x else "off" for x in flags)
 
+        def vlans(tap: str, mac: str) -> str:
+            got = entry_vlans(ns, tap, mac)
+            return ", ".join("none" if v is None else str(v) for v in got) or "-"
+
         def state(title: str) -> tuple[int, set[str]]:
             promisc, uc = promiscuity(ns, UPLINK), unicast_list(ns, UPLINK)
             mine = sorted(uc & set(guests.values()))
             say(f"  {title}")
             say(f"    br0 vlan_filtering {vlan_filtering(ns, 'br0')}; " + "; ".join(
-                f"{t} learning/flood {onoff(port_flags(ns, t))}, static entries (VLANs) "
-                f"{entry_vlans(ns, t, m) or '-'}" for t, m in guests.items()))
+                f"{t} learning/flood {onoff(port_flags(ns, t))}, static entry for its guest "
+                f"on VLANs {vlans(t, m)}" for t, m in guests.items()))
             say(f"    uplink {UPLINK}: promiscuity {promisc}; unicast list: "
                 f"{', '.join(mine) or 'no guest MAC'}"
                 f"{f' (+{len(uc) - len(mine)} bridge/port addresses)' if uc - set(mine) else ''}")

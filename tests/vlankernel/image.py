@@ -93,7 +93,7 @@ def _unpack(deb: Path, dest: Path) -> str:
         for m in tar:
             if not m.isfile():
                 continue
-            name = m.name.lstrip("./")
+            name = m.name.removeprefix("./")
             if re.fullmatch(r"boot/vmlinuz-.+", name):
                 target = dest / "vmlinuz"
             else:

@@ -37,7 +37,7 @@ INNER_TESTS = "tests/vlankernel/inner"
 TEST_MODULES = ("bridge", "veth", "tun", "macvlan", "macvtap", "dummy", "8021q")
 KEEP_RUNS = 10
 # What the guest prints on its console (tests/vlankernel/init).
-MARK = re.compile(r"^NETPLUG-VM (init|job|done rc=\d+) ([\d.]+)", re.M)
+MARK = re.compile(r"^NETPLUG-VM (init|job|pytest|done rc=\d+) ([\d.]+)", re.M)
 
 
 def unavailable() -> str | None:
@@ -56,7 +56,7 @@ class Result:
     run_dir: Path          # job, console.log, rc, and whatever the job wrote
     seconds: float         # wall time from QEMU's start to its exit
     timed_out: bool
-    marks: dict[str, float]  # guest uptime at init/job/done (seconds)
+    marks: dict[str, float]  # guest uptime at init/job/pytest/done (seconds)
 
     @property
     def console(self) -> str:
