@@ -110,8 +110,11 @@ def explain(op: Operation, running: bool, observed: Observed | None) -> str:
             return (f"{op.mac} is a {e.state} entry on port {e.port}, not on the guest's tap "
                     f"{op.device}")
         if entries:
-            vlans = ", ".join(str(e.vlan) for e in entries)
-            return f"{op.mac} has entries only on VLAN {vlans}; VLAN {op.vlan} is needed"
+            def vid(v: int | None) -> str:
+                return "no VLAN" if v is None else f"VLAN {v}"
+
+            have = ", ".join(vid(e.vlan) for e in entries)
+            return f"{op.mac} has entries only on {have}; {vid(op.vlan)} is needed"
         return f"no FDB entry for the guest's MAC on {op.device}"
     if isinstance(op, SetPortFlags):
         if not running:

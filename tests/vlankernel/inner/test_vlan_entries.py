@@ -162,15 +162,20 @@ def test_port_vlans_changed_after_start_reconcile_repairs_entries(ns, rig, tmp_p
 
     node = tmp_path / "node.xml"
     node.write_text(f"<node>{xml}</node>")  # libvirt's test driver: vm1 running, same XML
-    p = ns.run([*netplug_cli(), "reconcile", "--connect", f"test://{node}", "--config",
-                rig.config, "--state-dir", rig.state_dir, "--no-guest-query", "--json"],
-               timeout=180)
-    f.expect("reconcile exit status", p.returncode, 0)
+    argv = [*netplug_cli(), "reconcile", "--connect", f"test://{node}", "--config",
+            rig.config, "--state-dir", rig.state_dir, "--no-guest-query", "--json"]
+    p = ns.run(argv, timeout=180)
+    f.expect("reconcile exit status (2: drift found and repaired)", p.returncode, 2)
     f.note(f"reconcile stderr: {p.stderr.decode(errors='replace').strip() or '(empty)'}")
     try:
-        f.note("reconcile changes: " + json.dumps(json.loads(p.stdout).get("changes")))
+        changes = json.loads(p.stdout).get("changes")
+        f.note("reconcile changes: " + json.dumps(changes))
+        f.expect("the repair", [(c["device"], c["action"], c["operation"].get("vlan"))
+                                for c in changes], [("tapA", "fdb-replace", 30)])
     except ValueError:
         f.note(f"reconcile stdout: {p.stdout[:2000]!r}")
+    f.expect("a second reconcile's exit status (0: in sync)",
+             ns.run(argv, timeout=180).returncode, 0)
     expect_managed(f, ns, "tapA", A)
     expect_frames(f, world, {"to-A on VLAN 10": ((A, 10), [("tapA", None)]),
                              "to-A on VLAN 30": ((A, 30), [("tapA", 30)]),
