@@ -8,26 +8,32 @@ import signal
 import sys
 import threading
 
-from ..libvirt_io import DEFAULT_URI
+from ..paths import DEFAULT_URI
 
 log = logging.getLogger(__name__)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from .. import logsetup
-    from ..policy import config_path, load_config
+    from ..paths import resolve
+    from ..policy import load_config
     from ..state import StateDir
     from .worker import Agent, AgentOptions
 
     # Under systemd stderr already goes to the journal: no second copy through syslog.
     logsetup.setup("agent", sys.stderr, logging.DEBUG if args.verbose else logging.INFO,
                    syslog=False)
-    config = load_config(args.config)
+    # The hooks' config and state dir unless told otherwise: an agent with other paths than
+    # the hooks undoes their work.
+    paths = resolve(args.config, args.state_dir, hooks_dir=args.hooks_dir)
+    for m in paths.mismatches():
+        log.warning("%s: the agent and the hooks disagree about what netplug manages", m)
+    config = load_config(paths.config.value)
     options = AgentOptions(uri=args.connect, resync_interval=args.resync_interval,
                            debounce=args.debounce / 1000.0,
                            min_interval=args.min_interval / 1000.0)
-    agent = Agent(options, state=StateDir(args.state_dir), config=config,
-                  config_path=config_path(args.config), metrics_file=args.metrics_file)
+    agent = Agent(options, state=StateDir(paths.state_dir.value), config=config,
+                  config_path=paths.config.value, metrics_file=args.metrics_file)
     signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     # Block the signals before any thread exists (threads inherit the mask), and take them
     # synchronously here: no handler ever runs inside libvirt's loop or the worker.
@@ -35,7 +41,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     try:
         worker = threading.Thread(target=agent.run, name="netplug-worker")
         log.info("starting (libvirt %s, state dir %s, config %s)", args.connect,
-                 agent.state.path, config.path or "none")
+                 paths.state_dir.describe(), paths.config.describe()
+                 + ("" if config.path else ": no such file, nothing managed through it"))
         worker.start()
         stopping = False
         while worker.is_alive():
@@ -63,12 +70,11 @@ def register(subparsers) -> None:
                     "in step with the running guests. Full resync at start, after every "
                     "reconnection, after errors and every --resync-interval seconds. "
                     "SIGHUP re-reads the config; SIGTERM/SIGINT stop.")
+    from ..paths import add_path_arguments
+
     sp.add_argument("--connect", "-c", default=DEFAULT_URI, metavar="URI",
                     help=f"libvirt URI (default {DEFAULT_URI})")
-    sp.add_argument("--config", metavar="FILE", help="netplug config (TOML; default "
-                    "$NETPLUG_CONFIG or /etc/libvirt-netplug/config.toml)")
-    sp.add_argument("--state-dir", metavar="DIR", help="state dir shared with the hooks "
-                    "(default $NETPLUG_STATE_DIR or /run/libvirt-netplug)")
+    add_path_arguments(sp)
     sp.add_argument("--metrics-file", metavar="FILE",
                     help="write Prometheus metrics to FILE (node_exporter textfile format) "
                          "after every sync")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..errors import NetplugError, PolicyError
-from ..libvirt_io import DEFAULT_URI
+from ..paths import DEFAULT_URI
 from ..model import Domain
 from ..plan import Note
 from ..policy import Config, load_config

@@ -175,8 +175,9 @@ def test_the_daemon_resyncs_at_start_reloads_on_sighup_and_stops_on_sigterm(worl
     node.write_text("<node>" + domain_xml("vm1", [bridge_iface("br0", "tap0", GUEST, "net0")],
                                           metadata=policy_xml(promiscLinks="no")) + "</node>")
     prom = tmp / "agent.prom"
+    (tmp / "empty.toml").write_text("")  # an explicit --config must exist
     proc = ns.popen([*netplug_cli(), "agent", "--connect", f"test://{node}", "--state-dir",
-                     str(tmp / "state"), "--config", str(tmp / "none.toml"),
+                     str(tmp / "state"), "--config", str(tmp / "empty.toml"),
                      "--metrics-file", str(prom)],
                     stdout=open(tmp / "out", "wb"), stderr=open(tmp / "err", "wb"))
     try:

@@ -307,16 +307,14 @@ def test_plan_bad_network_xml(planned, name, op, doc, words):
 @pytest.mark.parametrize("args,words", [
     (["--op", "frobnicate"], ["unknown --op 'frobnicate'"]),
     (["--op", ""], ["unknown --op ''"]),
-    (["--config", "/nonexistent/dir/x.toml/"], []),
+    # A --config given explicitly must exist (a typo must not plan with an empty config).
+    (["--config", "/nonexistent/dir/x.toml/"], ["config /nonexistent/dir/x.toml/: no such "
+                                                "file"]),
 ], ids=["unknown-op", "empty-op", "config-path-is-not-a-file"])
 def test_plan_bad_arguments(tmp_path, args, words):
     d = tmp_path / "domain.xml"
     d.write_bytes(dom(nic()))
     p, elapsed = plan("--domain-xml", str(d), *args)
-    if args[0] == "--config":
-        # A missing config file is an empty config (like the hook): not an error.
-        assert p.returncode == 0, p.stderr
-        return
     check_plan_error(p, elapsed, words)
 
 
