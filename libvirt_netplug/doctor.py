@@ -1,13 +1,21 @@
-"""``netplug doctor``: per managed bridge, is the goal reached, and if not, why and what to do.
+"""``netplug doctor``: is netplug set up right on this host, and per managed bridge, is the goal
+reached; if not, why and what to do.
 
 The goal on a bridge with promiscLinks='no': every guest tap has a static FDB entry for its
 guest's MAC with learning and flood off (guests get only their own unicast), and the uplink is
 out of promiscuous mode. The second half is the kernel's job (br_manage_promisc() in
-net/bridge/br_if.c): only with vlan_filtering on, and exactly one port still learning or
-flooding, does it take that port out of promiscuous mode and copy the static entries into its
-unicast filter. Doctor reads the same state as reconcile (the engine in dry-run mode, one bulk
-kernel read) plus each uplink's address lists, and checks hooks, agent and policy conflicts.
-Read-only. Output: findings as text or JSON (docs/reconcile.md).
+net/bridge/br_if.c): only with vlan_filtering on, the bridge itself not promiscuous, and
+exactly one port still learning or flooding, does it take that port out of promiscuous mode
+and copy the static entries into its unicast filter, and only if the port's driver can filter
+unicast (IFF_UNICAST_FLT: most NICs, virtio_net, macvlan; not veth, tap or dummy).
+
+Doctor checks, without libvirtd: the paths (config, state dir) that hooks, agent and this
+command use agree; the hooks are installed and start with a working interpreter; the config
+is valid; the state dir is usable and every record in it readable; the kernel's capabilities;
+the agent. With libvirtd: what reconcile reads (the engine in dry-run mode, one bulk kernel
+read) plus each uplink's address lists, per managed bridge, and policies that conflict with
+libvirt's own. Findings never contradict each other: the verdict of a bridge is built from
+its findings. Read-only. Output: findings as text or JSON (docs/reconcile.md).
 """
 
 from __future__ import annotations
@@ -16,18 +24,26 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
-from .errors import DeviceGone, KernelError
+from .errors import DeviceGone, KernelError, NetplugError
 from .kernel import Link
-from .reconcile import (Inputs, JSON_VERSION, add_common_arguments, observe_dry, onoff,
-                        read_inputs, setup_logging, _new_kernel)
+from .reconcile import (Inputs, JSON_VERSION, add_common_arguments, command_paths,
+                        load_config_checked, observe_dry, onoff, read_inputs, setup_logging,
+                        _new_kernel)
 from .state import StateDir
+from .statefile import reading_state, record_errors
 from .sync import SyncReport
 
 LEVELS = ("ok", "info", "warning", "error")
+RELOAD = ("systemctl reload libvirtd (or, with the modular daemons, systemctl reload "
+          "virtqemud virtnetworkd)")
+# Drivers without IFF_UNICAST_FLT (by rtnetlink kind): the kernel keeps such a port
+# promiscuous whatever the bridge does (FIELD-NOTES, measured on a VLAN-filtering kernel).
+NO_UNICAST_FILTER = {"veth": "veth", "tun": "tap", "dummy": "dummy"}
 
 
 @dataclass(frozen=True)
@@ -62,8 +78,10 @@ class PortView:
     learning: bool | None = None
     flood: bool | None = None
     promiscuity: int | None = None
+    promisc: bool | None = None  # IFF_PROMISC asked for by a user (ip link ... promisc on)
     fdb: bool | None = None  # guests: a static entry for the guest's MAC is present
     unicast_filter: list[str] | None = None  # uplinks: the device's own unicast list
+    recorded: bool = False  # netplug's state says it manages this port
 
     @property
     def auto(self) -> bool:
@@ -134,29 +152,131 @@ def vlan_filtering_support(link: Link, sysfs: str = "/sys/class/net") -> bool | 
     return None
 
 
-# -- hooks and agent ---------------------------------------------------------------------------
+def kernel_vlan_filtering(sysfs: str = "/sys/class/net", boot: str = "/boot",
+                          proc: str = "/proc") -> tuple[bool | None, str]:
+    """Whether the running kernel has CONFIG_BRIDGE_VLAN_FILTERING, and how that is known,
+    without a bridge of ours to ask: any bridge in sysfs, else the kernel's config file."""
+    try:
+        names = sorted(os.listdir(sysfs))
+    except OSError:
+        names = []
+    for name in names:
+        bdir = os.path.join(sysfs, name, "bridge")
+        if os.path.isdir(bdir):
+            return (os.path.exists(os.path.join(bdir, "vlan_filtering")),
+                    f"sysfs of bridge {name}")
+    release = os.uname().release
+    for path in (os.path.join(boot, f"config-{release}"), os.path.join(proc, "config.gz")):
+        try:
+            if path.endswith(".gz"):
+                import gzip
+
+                with gzip.open(path, "rt", errors="replace") as f:
+                    text = f.read()
+            else:
+                with open(path, errors="replace") as f:
+                    text = f.read()
+        except OSError:
+            continue
+        return "\nCONFIG_BRIDGE_VLAN_FILTERING=y" in "\n" + text, path
+    return None, "no bridge in sysfs and no kernel config file to read"
 
 
-def check_hooks(hooks_dir: str) -> Finding:
+def check_kernel(kernel, sysfs: str = "/sys/class/net", boot: str = "/boot",
+                 proc: str = "/proc") -> list[Finding]:
+    out = []
+    try:
+        kernel.links()
+    except (KernelError, OSError) as e:
+        out.append(Finding("error", "kernel", "netlink", f"cannot read network devices over "
+                           f"netlink: {e}", "run doctor as root, in the host's network "
+                           "namespace"))
+    supported, how = kernel_vlan_filtering(sysfs, boot, proc)
+    if supported is True:
+        out.append(Finding("ok", "kernel", "kernel-vlan-filtering",
+                           f"the kernel has bridge VLAN filtering ({how})"))
+    elif supported is False:
+        out.append(Finding("info", "kernel", "kernel-vlan-filtering",
+                           f"the kernel lacks bridge VLAN filtering (CONFIG_BRIDGE_VLAN_"
+                           f"FILTERING, {how}): guests still get only their own unicast, but "
+                           f"every bridge uplink stays promiscuous"))
+    else:
+        out.append(Finding("info", "kernel", "kernel-vlan-filtering",
+                           f"cannot tell whether the kernel has bridge VLAN filtering ({how})"))
+    return out
+
+
+# -- paths, hooks, config, state dir ----------------------------------------------------------
+
+
+def check_paths(paths, agent: "AgentPaths | None") -> list[Finding]:
+    """Do hooks, the agent and this command use the same config and state dir?"""
+    out = []
+    hooks = paths.hooks
+    if hooks is not None and hooks.problem:
+        out.append(Finding("error", "paths", "paths", hooks.problem,
+                           "run netplug install-hooks once with the paths you want; it "
+                           "writes both shims"))
+    for m in paths.mismatches():
+        out.append(Finding("warning", "paths", "paths",
+                           f"this command's {m}: reconcile run like this would work against "
+                           f"the hooks", "drop the option or variable so the command uses the "
+                           "hooks' paths, or install the hooks with these paths"))
+    if agent is not None and hooks is not None:
+        for what, mine, theirs in (("config", agent.config, hooks.config),
+                                   ("state dir", agent.state_dir, hooks.state_dir)):
+            if mine is not None and os.path.normpath(mine) != os.path.normpath(theirs):
+                out.append(Finding("error", "paths", "agent-paths",
+                                   f"the agent ({agent.where}) uses {what} {mine}, the hooks "
+                                   f"use {theirs}: each undoes what the other does",
+                                   f"remove the agent's --{what.replace(' ', '-')} (it reads "
+                                   f"the hooks' paths) or reinstall the hooks with it, then "
+                                   f"restart the agent"))
+        if agent.error:
+            out.append(Finding("error", "paths", "agent-paths",
+                               f"the agent ({agent.where}) cannot start: {agent.error}",
+                               "fix its unit (systemctl edit netplug-agent)"))
+    if not out:
+        where = f"the hooks' ({hooks.shim})" if hooks else "the defaults (no hooks installed)"
+        out.append(Finding("ok", "paths", "paths",
+                           f"config {paths.config.value}, state dir {paths.state_dir.value}: "
+                           f"{where}"
+                           + (f"; the agent ({agent.where}) uses the same" if agent else "")))
+    return out
+
+
+def check_hooks(hooks_dir: str, *, interpreter: bool = True) -> Finding:
+    """Installed, ours, executable, and (``interpreter``) starting a Python that imports
+    everything a hook needs, exactly as libvirtd would start it."""
     from . import install
 
-    paths = install._paths(hooks_dir)
+    paths = install.shim_paths(hooks_dir)
     missing, foreign, broken = [], [], []
+    shims = {}
     for kind, path in sorted(paths.items()):
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             missing.append(path)
-        elif not install._ours(path):
+            continue
+        shim = install.read_shim(path)
+        if shim is None:
             foreign.append(path)
         elif not os.access(path, os.X_OK):
             broken.append(f"{path} is not executable")
+        elif shim.python and not os.access(shim.python, os.X_OK):
+            broken.append(f"{path} runs {shim.python}, which does not exist")
         else:
-            python = _shebang(path)
-            if python and not os.access(python, os.X_OK):
-                broken.append(f"{path} runs {python}, which does not exist")
-    fix = f"netplug install-hooks --hooks-dir {hooks_dir}, then systemctl reload libvirtd"
+            shims[path] = shim
+    fix = f"netplug install-hooks --hooks-dir {hooks_dir}, then {RELOAD}"
     if foreign:
         return Finding("error", "hooks", "hooks", f"{', '.join(foreign)} exists but was not "
                        f"installed by netplug", f"move it away, then run {fix}")
+    if interpreter:
+        for path, shim in sorted(shims.items()):
+            if shim.python:
+                why = install.probe(shim.python, shim.flags, shim.sys_path)
+                if why:
+                    broken.append(f"{path}: {shim.python} {shim.flags} cannot import the hook "
+                                  f"({why})")
     if broken:
         return Finding("error", "hooks", "hooks", "; ".join(broken), f"run {fix}")
     if missing:
@@ -164,26 +284,75 @@ def check_hooks(hooks_dir: str) -> Finding:
                        f"hooks not installed ({', '.join(missing)} missing): guests are "
                        f"managed only when reconcile or the agent runs, not when they start",
                        f"run {fix}")
+    python = next((s.python for s in shims.values() if s.python), None)
     return Finding("ok", "hooks", "hooks",
-                   f"hooks installed in {hooks_dir} (libvirtd reads them at start or reload; "
-                   f"if they were installed while it ran, reload it)")
+                   f"hooks installed in {hooks_dir}"
+                   + (f", bound to {python}, which imports the hook" if python and interpreter
+                      else "")
+                   + f" (libvirt reads them when its daemon starts or reloads: after "
+                     f"installing them, {RELOAD})")
 
 
-def _shebang(path: str) -> str | None:
+def check_config(paths) -> Finding:
+    setting = paths.config
+    if not os.path.exists(setting.value):
+        return Finding("info", "config", "config",
+                       f"no config file at {setting.describe()}: only policies in network and "
+                       f"domain metadata apply")
+    config, error = load_config_checked(setting.value, lenient=True)
+    if error:
+        return Finding("error", "config", "config",
+                       f"{error}; hooks manage nothing through it until it is fixed, "
+                       f"reconcile refuses to run",
+                       f"fix {setting.value} (netplug check-config checks it and every "
+                       f"network's and domain's policy)")
+    return Finding("ok", "config", "config",
+                   f"config {setting.describe()} is valid ({len(config.bridges)} bridge and "
+                   f"{len(config.direct)} macvtap lower-device polic"
+                   f"{'y' if len(config.bridges) + len(config.direct) == 1 else 'ies'})")
+
+
+def check_state_dir(state: StateDir) -> list[Finding]:
+    subj = "state dir"
+    path = state.path
+    if not os.path.exists(path):
+        return [Finding("info", subj, "state-dir",
+                        f"{path} does not exist yet (the first hook or reconcile creates it): "
+                        f"netplug manages nothing here so far")]
+    if not os.path.isdir(path):
+        return [Finding("error", subj, "state-dir", f"{path} is not a directory",
+                        "move it away; netplug creates the directory itself")]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [Finding("error", subj, "state-dir", f"{path} is not writable by this user: "
+                        f"hooks and reconcile cannot record what they change",
+                        "run as root (hooks run as root under libvirtd)")]
+    out = []
     try:
-        with open(path, errors="replace") as f:
-            first = f.readline()
-    except OSError:
-        return None
-    if not first.startswith("#!"):
-        return None
-    argv = first[2:].split()
-    if not argv or argv[0].endswith("/env"):
-        return None
-    return argv[0]
+        with state.lock(timeout=2.0):
+            pass
+    except NetplugError as e:
+        out.append(Finding("warning", subj, "state-lock", f"{e}",
+                           "a hook, reconcile or the agent holds it; if this persists, find "
+                           f"the holder with fuser {os.path.join(path, 'lock')}"))
+    errors = record_errors(state)
+    for name, why in sorted(errors.items()):
+        out.append(Finding("error", f"domain {name}", "state-record", why,
+                           f"delete {os.path.join(path, 'domains', name + '.json')} and run "
+                           f"netplug reconcile (it rebuilds what it can see in the kernel)"))
+    if not out:
+        out.append(Finding("ok", subj, "state-dir", f"{path} is usable and every record in it "
+                           f"is readable"))
+    return out
 
 
-_AGENT_RE = re.compile(r"(^|[/ ])netplug agent( |$)|libvirt_netplug(\.cli)? agent( |$)")
+# -- the agent --------------------------------------------------------------------------------
+
+
+_AGENT_RE = re.compile(r"(^|[/ ])netplug agent( |$)|libvirt_netplug(\.cli)? agent( |$)"
+                       r"|libvirt_netplug\.agent( |$)")
+SYSTEMD_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/lib/systemd/system",
+                "/usr/lib/systemd/system")
+AGENT_UNIT = "netplug-agent.service"
 
 
 def agent_pids(proc: str = "/proc") -> list[int]:
@@ -197,18 +366,115 @@ def agent_pids(proc: str = "/proc") -> list[int]:
     for entry in entries:
         if not entry.isdigit() or int(entry) == me:
             continue
-        try:
-            with open(os.path.join(proc, entry, "cmdline"), "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        cmd = " ".join(a.decode(errors="replace") for a in argv if a)
-        if _AGENT_RE.search(cmd):
+        argv = _proc_argv(proc, int(entry))
+        if argv and _AGENT_RE.search(" ".join(argv)):
             pids.append(int(entry))
     return sorted(pids)
 
 
-def check_agent(managed_macvtaps: int, proc: str = "/proc") -> Finding:
+def _proc_argv(proc: str, pid: int) -> list[str] | None:
+    try:
+        with open(os.path.join(proc, str(pid), "cmdline"), "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+
+
+def _proc_environ(proc: str, pid: int) -> dict[str, str]:
+    try:
+        with open(os.path.join(proc, str(pid), "environ"), "rb") as f:
+            raw = f.read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(a.decode(errors="replace").split("=", 1) for a in raw if b"=" in a)
+
+
+@dataclass(frozen=True)
+class AgentPaths:
+    where: str  # "pid 123", "unit /lib/systemd/system/netplug-agent.service"
+    config: str | None
+    state_dir: str | None
+    error: str | None = None
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    value = None
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def agent_paths_of(argv: list[str], environ: Mapping[str, str], where: str) -> AgentPaths:
+    """The paths an agent started with this command line and environment uses."""
+    from .paths import resolve
+
+    try:
+        p = resolve(_option(argv, "--config"), _option(argv, "--state-dir"),
+                    hooks_dir=_option(argv, "--hooks-dir"), environ=environ)
+    except NetplugError as e:
+        return AgentPaths(where, None, None, str(e))
+    return AgentPaths(where, p.config.value, p.state_dir.value)
+
+
+def running_agent_paths(proc: str = "/proc") -> AgentPaths | None:
+    for pid in agent_pids(proc):
+        argv = _proc_argv(proc, pid) or []
+        return agent_paths_of(argv, _proc_environ(proc, pid), f"pid {pid}")
+    return None
+
+
+def unit_agent_paths(dirs=SYSTEMD_DIRS, unit: str = AGENT_UNIT) -> AgentPaths | None:
+    """The paths the installed agent unit would give the agent (its last ExecStart=, its
+    Environment= and EnvironmentFile=, drop-ins included); None without a unit."""
+    main = next((os.path.join(d, unit) for d in dirs if os.path.isfile(os.path.join(d, unit))),
+                None)
+    if main is None:
+        return None
+    files = [main]
+    for d in dirs:
+        dropins = os.path.join(d, unit + ".d")
+        if os.path.isdir(dropins):
+            files += [os.path.join(dropins, f) for f in sorted(os.listdir(dropins))
+                      if f.endswith(".conf")]
+    exec_start: list[str] = []
+    env: dict[str, str] = {}
+    for path in files:
+        try:
+            with open(path, errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, _, value = line.strip().partition("=")
+            if key == "ExecStart":
+                exec_start = shlex.split(value.lstrip("-@+!:")) if value.strip() else []
+            elif key == "Environment":
+                for assignment in shlex.split(value):
+                    k, _, v = assignment.partition("=")
+                    env[k] = v
+            elif key == "EnvironmentFile":
+                env.update(_env_file(value.lstrip("-")))
+    return agent_paths_of(exec_start, env, f"unit {main}")
+
+
+def _env_file(path: str) -> dict[str, str]:
+    out = {}
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#") and "=" in line:
+                    k, _, v = line.partition("=")
+                    out[k.strip()] = v.strip().strip("'\"")
+    except OSError:
+        pass
+    return out
+
+
+def check_agent(managed_macvtaps: int | None, proc: str = "/proc") -> Finding:
     pids = agent_pids(proc)
     if pids:
         return Finding("ok", "agent", "agent",
@@ -258,11 +524,14 @@ def bridge_view(name: str, report: SyncReport, kernel, sysfs: str = "/sys/class/
                    br.promiscuity)
     guests = {i.tap: (d, i) for d in report.domains for i in d.bridge_intents
               if i.tap and i.bridge == name}
+    recorded = {tap for rec in report.records.values()
+                for tap, r in rec.get("ports", {}).items() if r.get("bridge") == name}
     for pname, link in sorted(links.items()):
         if link.master != name:
             continue
         p = PortView(pname, "guest" if pname in guests else "uplink", kind=link.kind,
-                     learning=link.learning, flood=link.flood, promiscuity=link.promiscuity)
+                     learning=link.learning, flood=link.flood, promiscuity=link.promiscuity,
+                     promisc=link.promisc, recorded=pname in recorded)
         if pname in guests:
             d, it = guests[pname]
             p.domain, p.interface, p.mac = d.name, it.ctx.interface, it.mac
@@ -276,15 +545,22 @@ def bridge_view(name: str, report: SyncReport, kernel, sysfs: str = "/sys/class/
             except (DeviceGone, KernelError):
                 p.unicast_filter = None
         v.ports.append(p)
-    _explain_bridge(v)
+    explain_bridge(v)
     return v
 
 
-def _explain_bridge(v: BridgeView) -> None:
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def explain_bridge(v: BridgeView) -> None:
+    """The findings and verdict of one bridge, from its view alone (pure: testable with any
+    combination of ports, flags, kinds and promiscuity)."""
     subj = f"bridge {v.name}"
     f = v.findings
-    managed = [p for p in v.ports if p.owner == "guest" and p.managed]
-    unmanaged = [p for p in v.ports if p.owner == "guest" and not p.managed]
+    guests = [p for p in v.ports if p.owner == "guest"]
+    managed = [p for p in guests if p.managed]
+    unmanaged = [p for p in guests if not p.managed]
     uplinks = [p for p in v.ports if p.owner == "uplink"]
     auto = [p for p in v.ports if p.auto]
 
@@ -300,10 +576,25 @@ def _explain_bridge(v: BridgeView) -> None:
         f.append(Finding("ok", subj, "guest-ports",
                          f"{len(managed)} managed guest port{'s' * (len(managed) != 1)}: "
                          f"static entry present, learning off, flood off"))
+    elif guests:
+        f.append(Finding("info", subj, "guest-ports",
+                         f"none of the {_plural(len(guests), 'guest port')} on {v.name} is "
+                         f"managed (see below)"))
     else:
         f.append(Finding("info", subj, "guest-ports", "no managed guest ports right now "
                          "(no running guest on this bridge)"))
-    flooding = [p for p in unmanaged if p.auto]
+    reverting = [p for p in unmanaged if p.recorded]
+    if reverting:
+        f.append(Finding("warning", subj, "guest-ports",
+                         "netplug's records say it manages these ports, but the policy it "
+                         "reads now does not: "
+                         + "; ".join(f"{p.who()} ({p.reason})" for p in reverting)
+                         + "; reconcile would hand them back to the bridge (learning and "
+                           "flood on, entry removed)",
+                         "if they should stay managed, check that this command reads the "
+                         "hooks' config and state dir (see 'paths') and the policy; if not, "
+                         "run netplug reconcile"))
+    flooding = [p for p in unmanaged if p.auto and not p.recorded]
     if flooding:
         f.append(Finding("warning", subj, "guest-ports",
                          "guest ports that still learn or flood (not managed): "
@@ -313,6 +604,7 @@ def _explain_bridge(v: BridgeView) -> None:
                          f"{v.name}], network or domain metadata) if they should be isolated, "
                          "then run netplug reconcile"))
     v.guests_isolated = bool(managed) and not drift
+    guest_fix = None if v.guests_isolated or not managed else "run netplug reconcile"
 
     # 2. The uplink: can the kernel take it out of promiscuous mode?
     promisc_uplinks = [p for p in uplinks if (p.promiscuity or 0) > 0]
@@ -323,55 +615,97 @@ def _explain_bridge(v: BridgeView) -> None:
     names = ", ".join(p.name for p in promisc_uplinks) or ", ".join(p.name for p in uplinks)
     guests_off = ("even though flooding to guests is off" if v.guests_isolated
                   else "and flooding to guests is not fully off either")
+    causes: list[str] = []
+    lacking_filter: list[str] = []
     if not uplinks:
         f.append(Finding("info", subj, "uplink", "no uplink port (every port is a guest's): "
                          "nothing to take out of promiscuous mode"))
         v.uplink_filtered = True
-    elif v.vlan_filtering_supported is False:
-        f.append(Finding("warning", subj, "vlan-filtering",
-                         f"this kernel lacks bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING "
-                         f"is not set: sysfs has no bridge/vlan_filtering knob), so the uplink "
-                         f"{names} stays promiscuous {guests_off}",
-                         "nothing to repair on this host: each guest still gets only its "
-                         "own unicast. To get the uplink out of promiscuous mode, "
-                         "boot a kernel built with CONFIG_BRIDGE_VLAN_FILTERING=y and set "
-                         f"vlanFiltering='yes' in {v.name}'s policy"))
-    elif not v.vlan_filtering:
-        unknown = " (this kernel may lack it: cannot tell from here)" \
-            if v.vlan_filtering_supported is None else ""
-        f.append(Finding("warning", subj, "vlan-filtering",
-                         f"vlan_filtering is off on {v.name}{unknown}, so the kernel keeps "
-                         f"every port promiscuous: the uplink {names} stays promiscuous "
-                         f"{guests_off}",
-                         f"set vlanFiltering='yes' in {v.name}'s policy (config [bridge."
-                         f"{v.name}] or network metadata) and run netplug reconcile; untagged "
-                         f"traffic then uses the default PVID 1"))
     else:
-        f.append(Finding("ok", subj, "vlan-filtering", f"vlan_filtering is on on {v.name}"))
-    if uplinks:
+        kernel_fix = ("boot a kernel built with CONFIG_BRIDGE_VLAN_FILTERING=y and set "
+                      f"vlanFiltering='yes' in {v.name}'s policy")
+        if v.vlan_filtering_supported is False:
+            first = ("nothing netplug can repair here: each guest already gets only its own "
+                     "unicast" if v.guests_isolated else
+                     "first repair the guest ports (run netplug reconcile)"
+                     if guest_fix else "first manage the guest ports (promiscLinks='no')")
+            f.append(Finding("warning", subj, "vlan-filtering",
+                             f"this kernel lacks bridge VLAN filtering "
+                             f"(CONFIG_BRIDGE_VLAN_FILTERING is not set: sysfs has no "
+                             f"bridge/vlan_filtering knob), so the uplink {names} stays "
+                             f"promiscuous {guests_off}",
+                             f"{first}. To get the uplink out of promiscuous mode, "
+                             f"{kernel_fix}"))
+            causes.append("the kernel lacks VLAN filtering")
+        elif not v.vlan_filtering:
+            unknown = " (this kernel may lack it: cannot tell from here)" \
+                if v.vlan_filtering_supported is None else ""
+            f.append(Finding("warning", subj, "vlan-filtering",
+                             f"vlan_filtering is off on {v.name}{unknown}, so the kernel keeps "
+                             f"every port promiscuous: the uplink {names} stays promiscuous "
+                             f"{guests_off}",
+                             f"set vlanFiltering='yes' in {v.name}'s policy (config [bridge."
+                             f"{v.name}] or network metadata) and run netplug reconcile; "
+                             f"untagged traffic then uses the default PVID 1"))
+            causes.append("vlan_filtering is off")
+        else:
+            f.append(Finding("ok", subj, "vlan-filtering", f"vlan_filtering is on on {v.name}"))
         if (v.promiscuity or 0) > 0:
             f.append(Finding("warning", subj, "bridge-promisc",
                              f"{v.name} itself is promiscuous (promiscuity {v.promiscuity}, e.g. "
                              f"a packet capture on it): the kernel then keeps every port "
                              f"promiscuous",
-                             f"stop the capture, or `ip link set {v.name} promisc off` if it was "
-                             f"set by hand"))
-        if len(auto) > 1 and v.vlan_filtering:
-            f.append(Finding("warning", subj, "auto-ports",
+                             f"stop the capture, or `ip link set {v.name} promisc off` if it "
+                             f"was set by hand"))
+            causes.append(f"{v.name} is promiscuous")
+        if len(auto) > 1:
+            f.append(Finding("warning" if v.vlan_filtering else "info", subj, "auto-ports",
                              f"{len(auto)} ports still learn or flood ("
                              f"{', '.join(p.who() for p in auto)}): the kernel takes the uplink "
                              f"out of promiscuous mode only when exactly one does",
-                             "manage the guest ports (promiscLinks='no') and keep a single "
-                             "uplink"))
+                             "manage the guest ports (promiscLinks='no', then netplug "
+                             "reconcile) and keep a single uplink"))
+            causes.append("more than one port learns or floods")
+        for up in uplinks:
+            if up.promisc:
+                f.append(Finding("warning", subj, "uplink-promisc",
+                                 f"{up.name} was put in promiscuous mode by a user "
+                                 f"(IFF_PROMISC: `ip link set {up.name} promisc on`, or a "
+                                 f"packet capture on it)",
+                                 f"stop the capture, or `ip link set {up.name} promisc off`"))
+                causes.append(f"{up.name} was set promiscuous by hand")
+            kind = NO_UNICAST_FILTER.get(up.kind or "")
+            measured = (v.vlan_filtering and auto == [up] and not (v.promiscuity or 0) and
+                        (up.promiscuity or 0) > 0 and not up.promisc)
+            if kind or measured:
+                how = (f"{up.name} is a {kind}, whose driver cannot filter unicast "
+                       f"(no IFF_UNICAST_FLT)" if kind else
+                       f"vlan_filtering is on, {up.name} is the only port that learns or "
+                       f"floods and {v.name} is not promiscuous, yet {up.name} stays "
+                       f"promiscuous with no IFF_PROMISC of its own: its driver "
+                       f"({up.kind or 'a physical NIC'}) cannot filter unicast (no "
+                       f"IFF_UNICAST_FLT), or a packet capture on it holds it promiscuous")
+                f.append(Finding("warning" if v.vlan_filtering else "info", subj,
+                                 "uplink-driver",
+                                 f"{how}: the kernel keeps such a port promiscuous even when "
+                                 f"everything else allows taking it out",
+                                 "use an uplink whose driver filters unicast (most physical "
+                                 "NICs, virtio_net, macvlan); netplug cannot change this"))
+                causes.append(f"{up.name}'s driver cannot filter unicast")
         if promisc_uplinks:
-            f.append(Finding("warning" if v.vlan_filtering else "info", subj, "uplink",
-                             f"uplink promiscuous: {up_desc}"))
+            # The causes above carry the warnings and what to do; this is the measurement.
+            f.append(Finding("info" if causes or not v.vlan_filtering else "warning", subj,
+                             "uplink", f"uplink promiscuous: {up_desc}",
+                             None if causes else
+                             "wait a moment and run doctor again; if it persists, the kernel "
+                             "did not sync the uplink (check `ip -d link show` for it)"))
         else:
             f.append(Finding("ok", subj, "uplink", f"uplink not promiscuous: {up_desc}"))
             for up in uplinks:
                 lacking = sorted(p.mac for p in managed if p.fdb and p.mac and
                                  p.mac not in (up.unicast_filter or []))
                 if lacking and up.unicast_filter is not None:
+                    lacking_filter.append(up.name)
                     f.append(Finding("error", subj, "uplink-filter",
                                      f"uplink {up.name} filters unicast and its filter lacks "
                                      f"guest MACs {', '.join(lacking)}: a real NIC drops "
@@ -379,31 +713,29 @@ def _explain_bridge(v: BridgeView) -> None:
                                      f"check that {v.name} has vlan_filtering on and "
                                      f"{up.name} is the only port that learns or floods; "
                                      f"`bridge fdb show dev {up.name}` shows its list"))
-        v.uplink_filtered = not promisc_uplinks
+        v.uplink_filtered = not promisc_uplinks and not lacking_filter
 
-    # 3. The verdict.
+    # 3. The verdict, from the findings above (never a different story).
     if v.goal_reached:
-        f.append(Finding("ok", subj, "goal", "goal reached: guests get only their own unicast "
-                         "and the uplink is not promiscuous"))
+        f.append(Finding("ok", subj, "goal", "goal reached: managed guests get only their own "
+                         "unicast and the uplink is not promiscuous"))
+        return
+    why = []
+    if not managed:
+        why.append("no managed guest port")
+    elif not v.guests_isolated:
+        why.append("guest ports drifted (see above)")
     else:
-        why = []
-        if not managed:
-            why.append("no managed guest port")
-        elif not v.guests_isolated:
-            why.append("guest ports drifted (see above)")
-        else:
-            why.append("flooding to guests is off")
-        if not v.uplink_filtered:
-            cause = ("the kernel lacks VLAN filtering" if v.vlan_filtering_supported is False
-                     else "vlan_filtering is off" if not v.vlan_filtering
-                     else "more than one port learns or floods" if len(auto) > 1
-                     else f"{v.name} is promiscuous" if (v.promiscuity or 0) > 0
-                     else "the kernel has not synced it")
-            why.append(f"but the uplink {names} stays promiscuous because {cause}")
-        advice = next((x.advice for x in f if x.advice and x.level in ("error", "warning")),
-                      None)
-        f.append(Finding("warning" if managed else "info", subj, "goal",
-                         "goal not reached: " + " ".join(why), advice))
+        why.append("flooding to guests is off")
+    if promisc_uplinks:
+        cause = " and ".join(causes) or "the kernel has not synced it"
+        why.append(f"but the uplink {names} stays promiscuous because {cause}")
+    elif lacking_filter:
+        why.append(f"but the unicast filter of {', '.join(lacking_filter)} lacks guest MACs")
+    advice = next((x.advice for x in f if x.advice and x.level in ("error", "warning")),
+                  None)
+    f.append(Finding("warning" if managed else "info", subj, "goal",
+                     "goal not reached: " + " ".join(why), advice))
 
 
 # -- policies that conflict with libvirt's own -------------------------------------------------
@@ -479,6 +811,7 @@ def macvtap_findings(report: SyncReport) -> list[Finding]:
 class Diagnosis:
     bridges: list[BridgeView]
     findings: list[Finding]  # not tied to one bridge
+    paths: Any = None  # paths.Paths, when resolved
 
     def all(self) -> list[Finding]:
         return [f for b in self.bridges for f in b.findings] + self.findings
@@ -491,6 +824,7 @@ class Diagnosis:
         counts = {lvl: sum(1 for f in self.all() if f.level == lvl) for lvl in LEVELS}
         return {"version": JSON_VERSION, "command": "doctor", "connect": uri,
                 "exit_status": self.exit_status, "summary": counts,
+                "paths": self.paths.to_json() if self.paths is not None else None,
                 "bridges": [b.to_json() for b in self.bridges],
                 "findings": [f.to_json() for f in self.findings]}
 
@@ -507,12 +841,16 @@ class Diagnosis:
                 out += ["  " + ln for ln in f.lines()]
         if not self.bridges:
             out.append("no managed bridges (no promiscLinks='no' policy in the config, "
-                       "networks or running domains)")
+                       "networks or running domains)" if not any(
+                           f.check == "libvirt" for f in self.findings)
+                       else "bridges not checked: libvirt could not be read (see above)")
         return out
 
 
 def diagnose(inputs: Inputs, state: StateDir, kernel, *, hooks_dir: str,
              sysfs: str = "/sys/class/net", proc: str = "/proc") -> Diagnosis:
+    """What needs libvirt: the bridges, policy conflicts, macvtap lower devices, plus the
+    hooks and the agent (``host_findings`` adds the rest)."""
     report = observe_dry(inputs, state, kernel)
     records = report.records
     # Bridges named only by config or network policy are not in the engine's observation of
@@ -530,30 +868,55 @@ def diagnose(inputs: Inputs, state: StateDir, kernel, *, hooks_dir: str,
     return Diagnosis(bridges, findings)
 
 
-def register(subparsers) -> None:
-    from .install import DEFAULT_HOOKS_DIR
+def host_findings(paths, state: StateDir, kernel, *, sysfs: str = "/sys/class/net",
+                  proc: str = "/proc", boot: str = "/boot",
+                  systemd_dirs=SYSTEMD_DIRS) -> list[Finding]:
+    """What doctor checks without libvirt: paths, config, state dir, kernel."""
+    agent = running_agent_paths(proc) or unit_agent_paths(systemd_dirs)
+    return (check_paths(paths, agent) + [check_config(paths)] + check_state_dir(state)
+            + check_kernel(kernel, sysfs, boot, proc))
 
+
+def register(subparsers) -> None:
     sp = subparsers.add_parser(
         "doctor", help="explain, per managed bridge, whether the goal is reached and why not",
-        description="Per managed bridge: VLAN filtering support, ports that still learn or "
-                    "flood (with their owner), the uplink's promiscuity and unicast filter; "
-                    "policies that conflict with libvirt's own; hooks installed; agent "
-                    "running. Each finding says what to do. Read-only. Exit status: 0 all "
-                    "good, 2 warnings or errors found, 1 could not check.")
+        description="Host: the paths hooks, agent and commands use agree; hooks installed "
+                    "and bound to a working interpreter; config valid; state dir usable; "
+                    "kernel capabilities; agent running (all without libvirtd). Per managed "
+                    "bridge: VLAN filtering support, ports that still learn or flood (with "
+                    "their owner), the uplink's promiscuity, driver and unicast filter; "
+                    "policies that conflict with libvirt's own. Each finding says what to "
+                    "do. Read-only. Exit status: 0 all good, 2 warnings or errors found, 1 "
+                    "could not check.")
     add_common_arguments(sp)
-    sp.add_argument("--hooks-dir", default=DEFAULT_HOOKS_DIR,
-                    help=f"libvirt hooks directory (default: {DEFAULT_HOOKS_DIR})")
     sp.set_defaults(func=cmd_doctor)
 
 
 def run(args: argparse.Namespace, out: TextIO, *,
-        kernel_factory: Callable[[], Any] | None = None) -> int:
-    state = StateDir(args.state_dir)
-    inputs = read_inputs(args.connect, args.config, guest_query=args.guest_query)
+        kernel_factory: Callable[[], Any] | None = None, sysfs: str = "/sys/class/net",
+        proc: str = "/proc", boot: str = "/boot", systemd_dirs=SYSTEMD_DIRS) -> int:
+    paths = command_paths(args)
+    state = reading_state(paths.state_dir.value)
     with (kernel_factory or _new_kernel)() as kernel:
-        dx = diagnose(inputs, state, kernel, hooks_dir=args.hooks_dir)
+        host = host_findings(paths, state, kernel, sysfs=sysfs, proc=proc, boot=boot,
+                             systemd_dirs=systemd_dirs)
+        try:
+            inputs = read_inputs(args.connect, paths.config.value,
+                                 guest_query=args.guest_query, lenient_config=True)
+        except NetplugError as e:
+            dx = Diagnosis([], host + [
+                Finding("error", "libvirt", "libvirt", f"{e}; bridges, policies and guests "
+                        f"were not checked", "start libvirt's daemon (libvirtd, or virtqemud "
+                        "and virtnetworkd) or give --connect URI; the host checks above did "
+                        "not need it"),
+                check_hooks(args.hooks_dir), check_agent(None, proc)])
+        else:
+            dx = diagnose(inputs, state, kernel, hooks_dir=args.hooks_dir, sysfs=sysfs,
+                          proc=proc)
+            dx.findings[:0] = host
+    dx.paths = paths
     if args.json:
-        json.dump(dx.to_json(inputs.uri), out, indent=2)
+        json.dump(dx.to_json(args.connect), out, indent=2)
         out.write("\n")
     else:
         for line in dx.lines():
@@ -566,5 +929,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run(args, sys.stdout)
 
 
-__all__ = ["Finding", "BridgeView", "PortView", "Diagnosis", "diagnose", "register",
-           "vlan_filtering_support", "agent_pids", "check_hooks", "check_agent"]
+__all__ = ["Finding", "BridgeView", "PortView", "Diagnosis", "diagnose", "host_findings",
+           "register", "vlan_filtering_support", "kernel_vlan_filtering", "agent_pids",
+           "check_hooks", "check_agent", "check_config", "check_paths", "check_state_dir",
+           "explain_bridge", "unit_agent_paths", "running_agent_paths"]
