@@ -92,7 +92,7 @@ def installed_hook_paths(hooks_dir: str = DEFAULT_HOOKS_DIR) -> HookPaths | None
     from . import install
 
     found = []
-    for kind, path in sorted(install.shim_paths(hooks_dir).items()):
+    for kind, path in install.shim_paths(hooks_dir).items():  # the qemu shim first
         shim = install.read_shim(path)
         if shim is not None:
             found.append((path, shim))
