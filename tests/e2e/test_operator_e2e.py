@@ -191,7 +191,7 @@ def test_commands_without_options_use_the_hooks_paths(rig):
     p = netplug(lab, "reconcile", "--dry-run", "--config", str(other))
     assert p.returncode == 2
     assert f"config {other} (from --config) is not the hooks' {CONFIG}" in p.stderr
-    assert f"would repair: domain vm1, interface " in p.stdout and f"on {tap}" in p.stdout
+    assert "would repair: domain vm1, interface " in p.stdout and f"on {tap}" in p.stdout
     assert oracle.port_flags(lab.name, tap) == (False, False)  # a dry run changed nothing
     p = netplug(lab, "reconcile", "--config", str(tmp / "typo.toml"))
     assert p.returncode == 1 and len(p.stderr.splitlines()) == 1
