@@ -387,13 +387,25 @@ def setup_logging(component: str, verbose: bool) -> None:
 def run(args: argparse.Namespace, out: TextIO, *,
         kernel_factory: Callable[[], Any] | None = None) -> int:
     """The command behind ``netplug reconcile`` (``kernel_factory`` replaces NetlinkKernel)."""
+    from .errors import PolicyError
+    from .metrics import Health
+    from .statefile import record_errors
+
     t0 = time.monotonic()
     paths = command_paths(args, warn=True)
     state = StateDir(paths.state_dir.value)
     metrics_file = getattr(args, "metrics_file", None)
+    health = Health()
     try:
-        inputs = read_inputs(args.connect, paths.config.value, args.domains,
-                             guest_query=args.guest_query)
+        try:
+            inputs = read_inputs(args.connect, paths.config.value, args.domains,
+                                 guest_query=args.guest_query)
+        except PolicyError as e:
+            # Repairing with the config read as empty would undo what it manages.
+            health.config_valid = False
+            raise NetplugError(f"{e}; reconcile does not run with an invalid config: fix it "
+                               f"(netplug check-config checks it)") from None
+        health.invalid_policies = len(inputs.desired.errors)
         t1 = time.monotonic()
         with (kernel_factory or _new_kernel)() as kernel:
             outcome = reconcile(kernel, state, inputs.desired, rx_source=inputs.rx_source,
@@ -401,10 +413,11 @@ def run(args: argparse.Namespace, out: TextIO, *,
     except NetplugError:
         if metrics_file:
             try:
-                _write_metrics(metrics_file, None, state)
+                _write_metrics(metrics_file, None, state, health)
             except NetplugError as e:  # the run's own error is the one to report
                 log.warning("%s", e)
         raise
+    health.state_record_errors = len(record_errors(state))
     outcome.uri = inputs.uri
     outcome.timings["libvirt_read"] = inputs.seconds
     outcome.timings["kernel_and_apply"] = time.monotonic() - t1
@@ -416,19 +429,20 @@ def run(args: argparse.Namespace, out: TextIO, *,
         for line in outcome.lines():
             out.write(line + "\n")
     if metrics_file:
-        _write_metrics(metrics_file, outcome, state)
+        _write_metrics(metrics_file, outcome, state, health)
     return outcome.exit_status
 
 
-def _write_metrics(path: str, outcome: Outcome | None, state: StateDir) -> None:
+def _write_metrics(path: str, outcome: Outcome | None, state: StateDir, health=None) -> None:
     from . import metrics
 
     if outcome is None:
-        metrics.write_metrics(path, None, source="reconcile", success=False, state=state)
+        metrics.write_metrics(path, None, source="reconcile", success=False, state=state,
+                              health=health)
         return
     metrics.write_metrics(path, outcome.report, source="reconcile",
                           success=outcome.exit_status != EXIT_ERROR, state=state,
-                          duration=outcome.timings.get("total"))
+                          duration=outcome.timings.get("total"), health=health)
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:

@@ -32,9 +32,12 @@ class AgentMetrics:
         self.dirty = False
         self._domains: dict[str, Any] = {}  # name -> its last DomainSync (running domains)
         self._rx: dict[str, dict[tuple[str, str, str, str], int]] = {}  # name -> entries
-        self._last_run = None
+        self._last_run = None  # None until the first sync: a fresh start counts no run
         self._last_write = float("-inf")
         self._warned = False
+        from ..metrics import Health
+
+        self.health = Health()  # the worker keeps it current (config reloads, full syncs)
 
     def update(self, report: SyncReport, full: bool) -> None:
         from .. import metrics
@@ -69,8 +72,9 @@ class AgentMetrics:
         if not force and now - self._last_write < self.min_gap:
             self.dirty = True
             return
-        run = self._last_run or metrics.RunMetrics("agent", False, time.time())
-        registry = metrics.registry_for(run, metrics.read_previous(self.path, "agent"))
+        registry = metrics.registry_for(self._last_run,
+                                        metrics.read_previous(self.path, "agent"),
+                                        source="agent", health=self.health)
         agent = self
 
         class _AgentSeries:

@@ -190,8 +190,12 @@ class Agent:
             try:
                 self.config = load_config(self.config_path)
                 log.info("reloaded config %s", self.config.path or "(none: empty config)")
+                if self.metrics:
+                    self.metrics.health.config_valid = True
             except PolicyError as e:
                 log.error("%s; keeping the previous config", e)
+                if self.metrics:
+                    self.metrics.health.config_valid = False
         if work.full:
             names = None
             log.info("full resync (%s)", work.full)
@@ -313,6 +317,11 @@ class Agent:
         if names is None and not self.ready.is_set():
             self.ready.set()
         if self.metrics:
+            if names is None:
+                from ..statefile import record_errors
+
+                self.metrics.health.invalid_policies = len(desired.errors)
+                self.metrics.health.state_record_errors = len(record_errors(self.state))
             self.metrics.update(report, full=names is None)
             self.metrics.write()
 
