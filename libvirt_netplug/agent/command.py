@@ -20,9 +20,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from ..state import StateDir
     from .worker import Agent, AgentOptions
 
-    # Under systemd stderr already goes to the journal: no second copy through syslog.
-    logsetup.setup("agent", sys.stderr, logging.DEBUG if args.verbose else logging.INFO,
-                   syslog=False)
+    # Under systemd stderr is a journal stream: log natively instead (the same records, with
+    # NETPLUG_* fields to query), not twice. Elsewhere stderr, and no copy in the system log.
+    native = logsetup.stderr_is_journal() and logsetup.journal_available()
+    logsetup.setup("agent", None if native else sys.stderr,
+                   logging.DEBUG if args.verbose else logging.INFO, syslog=native)
     # The hooks' config and state dir unless told otherwise: an agent with other paths than
     # the hooks undoes their work.
     paths = resolve(args.config, args.state_dir, hooks_dir=args.hooks_dir)
