@@ -80,9 +80,16 @@ RELOAD_HINT = ("libvirt reads its hooks when its daemon starts or reloads: run '
 
 
 def cmd_install_hooks(args: argparse.Namespace) -> int:
-    from .install import install
+    from .install import install, read_shim, shim_paths
 
-    done = install(args.hooks_dir, args.python, args.config, args.state_dir)
+    config, state_dir = args.config, args.state_dir
+    if args.keep_paths:
+        # An upgrade (the Debian package's postinst) must not reset what the operator chose.
+        old = read_shim(shim_paths(args.hooks_dir)["qemu"])
+        if old is not None:
+            config = config or old.config
+            state_dir = state_dir or old.state_dir
+    done = install(args.hooks_dir, args.python, config, state_dir)
     changed = any(d.action != "unchanged" for d in done)
     if args.json:
         _dump({"version": JSON_VERSION, "command": "install-hooks", "changed": changed,
@@ -165,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", help="config path to write into the shims (libvirtd passes "
                                      "no environment to hooks)")
     sp.add_argument("--state-dir", help="state dir to write into the shims")
+    sp.add_argument("--keep-paths", action="store_true",
+                    help="keep the config and state dir the installed shims use, unless "
+                         "given (what a package upgrade does)")
     sp.add_argument("--json", action="store_true", help="print a JSON document")
     sp.set_defaults(func=cmd_install_hooks)
 

@@ -55,3 +55,23 @@ def test_cli_main_can_run_twice_in_one_process(capsys, monkeypatch):
     argv = ["plan", "--domain-xml", str(SAMPLES / "domain-prepare.xml")]
     assert cli.main(argv) == 0
     assert cli.main(argv) == 0
+
+
+def test_bash_completion_knows_every_command_and_option():
+    """completion/netplug.bash (shipped by the Debian package) lists what argparse accepts."""
+    import argparse
+    import re
+
+    from conftest import REPO
+    from libvirt_netplug import cli
+
+    text = (REPO / "completion" / "netplug.bash").read_text()
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = re.search(r'local commands="([^"]+)"', text).group(1).split()
+    assert sorted(commands) == sorted(sub.choices)
+    for name, sp in sub.choices.items():
+        want = sorted(o for a in sp._actions for o in a.option_strings
+                      if o.startswith("--") and o != "--help")
+        got = re.search(rf'^\s+{re.escape(name)}\) echo "([^"]*)"', text, re.M)
+        assert got and sorted(got.group(1).split()) == want, name

@@ -217,3 +217,16 @@ def test_cli_errors_are_json_with_json(tmp_path):
     doc = json.loads(p.stdout)
     assert doc == {"version": 1, "command": "install-hooks", "exit_status": 1,
                    "error": doc["error"]} and "not installed by netplug" in doc["error"]
+
+
+def test_keep_paths_keeps_what_the_operator_chose(tmp_path):
+    hooks = str(tmp_path / "hooks")
+    base = [*netplug_cli(), "install-hooks", "--hooks-dir", hooks, "--python", venv_python()]
+    assert subprocess.run([*base, "--config", "/etc/np/c.toml", "--state-dir", "/run/np"],
+                          capture_output=True, timeout=30).returncode == 0
+    p = subprocess.run([*base, "--keep-paths"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and p.stdout.split()[0] == "unchanged", p.stdout + p.stderr
+    shim = install.read_shim(os.path.join(hooks, SHIMS[0]))
+    assert (shim.config, shim.state_dir) == ("/etc/np/c.toml", "/run/np")
+    p = subprocess.run(base, capture_output=True, text=True, timeout=30)  # without: defaults
+    assert install.read_shim(os.path.join(hooks, SHIMS[0])).config is None
