@@ -237,10 +237,11 @@ def check_paths(paths, agent: "AgentPaths | None") -> list[Finding]:
                                f"the agent ({agent.where}) cannot start: {agent.error}",
                                "fix its unit (systemctl edit netplug-agent)"))
     if not out:
-        where = f"the hooks' ({hooks.shim})" if hooks else "the defaults (no hooks installed)"
+        same = (f"the same as the hooks' ({hooks.shim})" if hooks else
+                "no hooks installed to compare with")
         out.append(Finding("ok", "paths", "paths",
-                           f"config {paths.config.value}, state dir {paths.state_dir.value}: "
-                           f"{where}"
+                           f"config {paths.config.describe()}, state dir "
+                           f"{paths.state_dir.describe()}: {same}"
                            + (f"; the agent ({agent.where}) uses the same" if agent else "")))
     return out
 
@@ -307,9 +308,9 @@ def check_config(paths) -> Finding:
                        f"fix {setting.value} (netplug check-config checks it and every "
                        f"network's and domain's policy)")
     return Finding("ok", "config", "config",
-                   f"config {setting.describe()} is valid ({len(config.bridges)} bridge and "
-                   f"{len(config.direct)} macvtap lower-device polic"
-                   f"{'y' if len(config.bridges) + len(config.direct) == 1 else 'ies'})")
+                   f"config {setting.describe()} is valid: policies for "
+                   f"{_plural(len(config.bridges), 'bridge')} and "
+                   f"{_plural(len(config.direct), 'macvtap lower device')}")
 
 
 def check_state_dir(state: StateDir) -> list[Finding]:
@@ -728,7 +729,8 @@ def explain_bridge(v: BridgeView) -> None:
     else:
         why.append("flooding to guests is off")
     if promisc_uplinks:
-        cause = " and ".join(causes) or "the kernel has not synced it"
+        cause = (", ".join(causes[:-1]) + " and " + causes[-1] if len(causes) > 1 else
+                 causes[0] if causes else "the kernel has not synced it")
         why.append(f"but the uplink {names} stays promiscuous because {cause}")
     elif lacking_filter:
         why.append(f"but the unicast filter of {', '.join(lacking_filter)} lacks guest MACs")
