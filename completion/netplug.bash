@@ -9,7 +9,7 @@ _netplug_options()
         plan) echo "--config --domain-xml --network-xml --op" ;;
         install-hooks) echo "--config --hooks-dir --json --keep-paths --python --state-dir" ;;
         uninstall-hooks) echo "--hooks-dir --json" ;;
-        hook) echo "--config --state-dir" ;;
+        hook) echo "--config --hooks-dir --state-dir" ;;
         agent) echo "--config --connect --debounce --hooks-dir --metrics-file --min-interval --resync-interval --state-dir --verbose" ;;
         reconcile) echo "--config --connect --domain --dry-run --hooks-dir --json --metrics-file --no-guest-query --state-dir --verbose" ;;
         status) echo "--config --connect --hooks-dir --json --no-guest-query --state-dir --verbose" ;;

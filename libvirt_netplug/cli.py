@@ -126,9 +126,12 @@ def _dump(doc: dict) -> None:
 
 def cmd_hook(args: argparse.Namespace) -> int:
     from .hook import main
+    from .paths import resolve
 
+    # By hand, a hook uses what the installed shims give it unless told otherwise.
+    paths = resolve(args.config, args.state_dir, hooks_dir=args.hooks_dir)
     return main([args.kind, *args.hook_args], sys.stdin.buffer, sys.stderr, kind=args.kind,
-                config=args.config, state_dir=args.state_dir)
+                config=paths.config.value, state_dir=paths.state_dir.value)
 
 
 def version() -> str:
@@ -187,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("hook", help="run a hook by hand, as libvirtd would (XML on stdin)")
     sp.add_argument("kind", choices=("qemu", "network"))
     sp.add_argument("hook_args", nargs=argparse.REMAINDER, metavar="OBJECT OP SUBOP EXTRA")
-    sp.add_argument("--config")
-    sp.add_argument("--state-dir")
+    sp.add_argument("--config", help="config (default: the installed hooks')")
+    sp.add_argument("--state-dir", help="state dir (default: the installed hooks')")
+    sp.add_argument("--hooks-dir", default=DEFAULT_HOOKS_DIR,
+                    help=f"where the hook shims are installed (default: {DEFAULT_HOOKS_DIR})")
     sp.set_defaults(func=cmd_hook)
 
     for register in _extra_commands():

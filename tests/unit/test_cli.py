@@ -75,3 +75,22 @@ def test_bash_completion_knows_every_command_and_option():
                       if o.startswith("--") and o != "--help")
         got = re.search(rf'^\s+{re.escape(name)}\) echo "([^"]*)"', text, re.M)
         assert got and sorted(got.group(1).split()) == want, name
+
+
+def test_hook_by_hand_uses_the_installed_hooks_paths(tmp_path, monkeypatch, capsys):
+    """`netplug hook` without options acts on the config and state dir the shims name."""
+    from fakes import bridge_iface, domain_xml
+    from libvirt_netplug import cli, install
+    from netns import venv_python
+
+    monkeypatch.delenv("NETPLUG_CONFIG")
+    monkeypatch.delenv("NETPLUG_STATE_DIR")
+    cfg, state, hooks = tmp_path / "c.toml", tmp_path / "state", tmp_path / "hooks"
+    cfg.write_text("")
+    install.install(str(hooks), venv_python(), str(cfg), str(state))
+    xml = domain_xml("vm1", [bridge_iface("br0", "tap0", "52:54:00:00:00:01", "net0")])
+    monkeypatch.setattr("sys.stdin", type("In", (), {"buffer": __import__("io").BytesIO(
+        xml.encode())})())
+    assert cli.main(["hook", "--hooks-dir", str(hooks), "qemu", "vm1", "started", "begin",
+                     "-"]) == 0
+    assert (state / "lock").exists()  # the hooks' state dir, not the default one
