@@ -87,9 +87,6 @@ def shim_paths(hooks_dir: str = DEFAULT_HOOKS_DIR) -> dict[str, str]:
     return {kind: os.path.join(hooks_dir, f"{kind}.d", SHIM_NAME) for kind in KINDS}
 
 
-_paths = shim_paths  # the name doctor used before
-
-
 def read_shim(path: str) -> Shim | None:
     """Parse one of our shims; None if the file is missing or not ours. Shims of earlier
     versions (``run('qemu', config=…, state_dir=…)`` literals) are understood too."""
@@ -133,10 +130,6 @@ def _literal(into: dict, key: str, node: ast.AST) -> None:
         into[key] = ast.literal_eval(node)
     except ValueError:
         pass
-
-
-def _ours(path: str) -> bool:
-    return read_shim(path) is not None
 
 
 # -- the interpreter ----------------------------------------------------------------------------
