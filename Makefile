@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-kernel test-e2e test-vlankernel deps host-packages bench clean
+.PHONY: demo test test-unit test-kernel test-e2e test-vlankernel deps host-packages bench clean deb
 
 demo: deps
 	$(PY) -m tests.lab.demo
@@ -45,6 +45,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[agent,test]'
 	@touch $@
+
+# The Debian package (dh-python/pybuild), built from the working tree into build/deb/.
+deb:
+	@scripts/build-deb.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

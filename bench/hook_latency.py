@@ -18,6 +18,10 @@ Measured, in one run, N times each (default 30, after 2 warm-ups), wall clock pe
             the record removed, so every run does the full job
   sh        the same job as a plain sh script: per port `bridge fdb replace MAC dev TAP master
             static` + `bridge link set dev TAP learning off flood off` (iproute2), reset alike
+  *-site   (--compare-site) no-op and apply again with the shim as install-hooks wrote it
+            before: `#!PYTHON -I` with the site module (the venv's site-packages, .pth files
+            and the editable install's finder) instead of `-IS` + explicit sys.path; each
+            pair alternates run by run, so a busy machine weighs on both alike
 Targets: no-op ≤ 2× bare; apply ≤ 250 ms (median). Exit status 1 if a target is missed.
 
 Run as root:  .venv/bin/python bench/hook_latency.py [--runs 30] [--json FILE|-]
@@ -145,6 +149,29 @@ def timed(argv, stdin: bytes, before=None, after=None, runs: int = 30, warmup: i
     return samples
 
 
+def timed_pair(a, b, stdin: bytes, before=None, after=None, runs: int = 30, warmup: int = 2):
+    """Two commands, alternating run by run (a, b, a, b, ...): same load on both."""
+    out_a, out_b = [], []
+    for n in range(warmup + runs):
+        for argv, out in ((a, out_a), (b, out_b)):
+            got = timed(argv, stdin, before, after, runs=1, warmup=0)
+            if n >= warmup:
+                out += got
+    return out_a, out_b
+
+
+def site_shim(shim: str, path: str) -> str:
+    """The shim as install-hooks wrote it before -IS: `-I` only, the site module finds netplug."""
+    with open(shim) as f:
+        lines = f.read().splitlines(keepends=True)
+    lines[0] = lines[0].replace(" -IS", " -I")
+    text = "".join(ln for ln in lines if not ln.startswith(("sys.path +=", "# -IS:")))
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return path
+
+
 def summary(samples):
     s = sorted(samples)
     p90 = s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
@@ -156,6 +183,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=30, help="timed runs per case (default 30)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-': stdout)")
+    ap.add_argument("--compare-site", action="store_true",
+                    help="also time the previous shim (site module instead of -IS), "
+                         "interleaved with the current one")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench/hook_latency.py: needs root (network namespace, bridge, taps)",
@@ -180,14 +210,22 @@ def main(argv=None) -> int:
             f.write(sh_script())
         xml = domain_xml().encode()
 
-        results = {
-            "bare": timed([python, "-I", "-c", "pass"], b"", runs=args.runs),
-            "no-op": timed([shim, "vm1", "prepare", "begin", "-"], xml, runs=args.runs),
-            "apply": timed([shim, "vm1", "start", "begin", "-"], xml,
-                           before=lambda: reset(state), after=verify_applied, runs=args.runs),
-            "sh": timed(["/bin/sh", script], b"", before=lambda: reset(state),
-                        after=verify_applied, runs=args.runs),
-        }
+        results = {"bare": timed([python, "-I", "-c", "pass"], b"", runs=args.runs)}
+        noop = [shim, "vm1", "prepare", "begin", "-"]
+        apply = [shim, "vm1", "start", "begin", "-"]
+        if args.compare_site:
+            old = site_shim(shim, os.path.join(tmp, "shim-site"))
+            results["no-op"], results["no-op-site"] = timed_pair(
+                noop, [old, *noop[1:]], xml, runs=args.runs)
+            results["apply"], results["apply-site"] = timed_pair(
+                apply, [old, *apply[1:]], xml, before=lambda: reset(state),
+                after=verify_applied, runs=args.runs)
+        else:
+            results["no-op"] = timed(noop, xml, runs=args.runs)
+            results["apply"] = timed(apply, xml, before=lambda: reset(state),
+                                     after=verify_applied, runs=args.runs)
+        results["sh"] = timed(["/bin/sh", script], b"", before=lambda: reset(state),
+                              after=verify_applied, runs=args.runs)
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -203,7 +241,9 @@ def main(argv=None) -> int:
     labels = {"bare": f"bare: {os.path.relpath(python, REPO)} -I -c pass",
               "no-op": "no-op: shim vm1 prepare begin -",
               "apply": f"apply: shim vm1 start begin - ({NICS} NICs)",
-              "sh": f"sh: iproute2 script ({NICS}x fdb replace + link set)"}
+              "sh": f"sh: iproute2 script ({NICS}x fdb replace + link set)",
+              "no-op-site": "no-op, previous shim (-I, site module)",
+              "apply-site": "apply, previous shim (-I, site module)"}
     print(f"hook latency, {args.runs} runs each (ms; wall clock per process, in a netns)")
     print(f"  {'case':<46} {'median':>8} {'p90':>8} {'min':>8} {'max':>8}")
     for k, s in stats.items():

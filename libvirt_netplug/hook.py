@@ -394,7 +394,6 @@ def main(argv: list[str], stdin, stderr, *, kind: str | None = None,
         _read_stdin(stdin)
         return 0
     from . import logsetup
-    from .errors import NetplugError
 
     logsetup.setup(f"{kind or 'hook'}-hook", stderr)
     import logging
@@ -410,6 +409,24 @@ def main(argv: list[str], stdin, stderr, *, kind: str | None = None,
         log.warning("%s %s: operation %r is not one netplug handles; ignored", kind,
                     obj or "?", op)
         return 0
+    errors = _ErrorCounter()
+    log.parent.addHandler(errors)
+    rc = _handle(kind, obj, op, stdin, config, state_dir, log)
+    log.parent.removeHandler(errors)
+    # What `netplug status` shows as this domain's (network's) last hook run. Best effort.
+    from . import hookresult
+    from .state import state_dir_path
+
+    hookresult.record(state_dir_path(state_dir), kind, obj, op,
+                      argv[3] if len(argv) > 3 else "-", errors=errors.count,
+                      error=errors.first, exit_status=rc)
+    return rc
+
+
+def _handle(kind: str, obj: str, op: str, stdin, config: str | None, state_dir: str | None,
+            log) -> int:
+    from .errors import NetplugError
+
     ctx = None
     try:
         data = _read_stdin(stdin)
@@ -433,6 +450,24 @@ def main(argv: list[str], stdin, stderr, *, kind: str | None = None,
         log.error("%s %s %s: failing the operation because strict mode is on", kind, obj, op)
         return 1
     return 0
+
+
+class _ErrorCounter:
+    """A logging handler that only counts this run's errors and keeps the first (for the
+    hook's last result); duck-typed, so defining it costs nothing until a hook has work."""
+
+    level = 40  # logging.ERROR
+
+    def __init__(self):
+        self.count = 0
+        self.first: str | None = None
+
+    def handle(self, record) -> bool:
+        if record.levelno >= self.level:
+            self.count += 1
+            if self.first is None:
+                self.first = record.getMessage()
+        return True
 
 
 class _BoundedStderr:

@@ -128,10 +128,10 @@ def port_record_problem(tap: Any, rec: Any) -> str | None:
 
 def domain_record_problem(rec: Any) -> str | None:
     if not isinstance(rec, dict):
-        return "not a JSON object"
+        return f"a {type(rec).__name__}, not an object"
     ports = rec.get("ports", {})
     if not isinstance(ports, dict):
-        return "'ports' is not an object"
+        return f"'ports' is a {type(ports).__name__}, not an object"
     for tap, prec in ports.items():
         problem = port_record_problem(tap, prec)
         if problem:
@@ -303,10 +303,21 @@ class StateDir:
                              f"'netplug reconcile'")
         return rec
 
+    def put_file(self, sub: str, name: str, data: dict[str, Any]) -> None:
+        """Write another JSON document (e.g. hooks/qemu/NAME, hookresult.py) with the same
+        guarantees as the records: ours, atomic, never through a symlink."""
+        self._write(sub, name, data)
+
+    def load_file(self, path: str) -> Any:
+        """Read a JSON document under the state dir with the records' checks (None: absent)."""
+        return self._load(path)
+
     def _write(self, sub: str, name: str, data: dict[str, Any]) -> None:
         self._ensure(self.path)
-        d = os.path.join(self.path, sub)
-        self._ensure(d)
+        d = self.path
+        for part in sub.split("/"):
+            d = os.path.join(d, part)
+            self._ensure(d)
         tmp = None
         try:
             # A fresh name, created exclusively and never through a symlink (what mkstemp
@@ -359,7 +370,9 @@ class StateDir:
         return out
 
     def record_errors(self) -> dict[str, str]:
-        """Domain records the last listing (``domains()``) could not use: name -> error."""
+        """Domain records that cannot be used, now: name -> one-line error (``domains()``
+        leaves them out)."""
+        self.domains()
         return {k.split("/", 1)[1]: v for k, v in self._errors.items()
                 if k.startswith("domains/")}
 

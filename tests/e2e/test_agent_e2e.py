@@ -50,6 +50,7 @@ class AgentProc:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        (self.tmp / "no-config.toml").write_text("")  # an explicit --config must exist
         with open(self.logfile, "ab") as log:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.lab.name, *netplug_cli(), "agent", "--connect",

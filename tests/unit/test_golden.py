@@ -143,7 +143,10 @@ def run_plan(domain: Path, networks, op: str) -> dict:
             rc = args.func(args)
     except NetplugError as e:
         return {"exit": 1, "error": str(e).replace(str(SAMPLES), "xml-samples")}
-    return {"exit": rc, "plan": json.loads(out.getvalue())}
+    doc = json.loads(out.getvalue())
+    # The envelope (format version, command) is checked once below; goldens hold the plan.
+    assert (doc.pop("version"), doc.pop("command")) == (1, "plan")
+    return {"exit": rc, "plan": doc}
 
 
 def run_model(path: Path) -> dict:
@@ -200,4 +203,4 @@ def test_cli_plan_output_is_the_golden_json():
                         str(CONFIG)], capture_output=True, timeout=30)
     assert p.returncode == 0, p.stderr
     golden = json.loads((GOLDEN / "domain-host-bridges.start.json").read_text())
-    assert json.loads(p.stdout) == golden["plan"]
+    assert json.loads(p.stdout) == {"version": 1, "command": "plan", **golden["plan"]}
