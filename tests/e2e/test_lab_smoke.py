@@ -20,9 +20,9 @@ pytestmark = pytest.mark.e2e
 
 
 
-def test_lab_guest_joins_multicast_group_and_teardown_leaves_nothing(lab_required):
+def test_lab_guest_joins_multicast_group_and_teardown_leaves_nothing(lab_release):
     t0 = time.monotonic()
-    lab = Lab()
+    lab = Lab(release=lab_release)
     with lab:
         t_up = time.monotonic()
         lab.add_host_bridge("br0")
