@@ -196,12 +196,16 @@ def _parse_interface(el: etree._Element, index: int, domain_where: str) -> Inter
     vlan = sub.get("vlan")
     if vlan is not None:
         tags = vlan.findall("tag")
-        if len(tags) == 1 and vlan.get("trunk") != "yes":
+        # A trunk's native tag (nativeMode=…) is the port's PVID (libvirt >= 11 on Linux
+        # bridges), where the guest's untagged frames and so its MAC live.
+        native = [t for t in tags if t.get("nativeMode")] if vlan.get("trunk") == "yes" else []
+        if (len(tags) == 1 and vlan.get("trunk") != "yes") or len(native) == 1:
+            tag = native[0] if native else tags[0]
             try:
-                vlan_tag = int(tags[0].get("id", ""))
+                vlan_tag = int(tag.get("id", ""))
             except ValueError:
                 raise InputError(f"{where()}: invalid <vlan><tag id> "
-                                 f"{tags[0].get('id')!r}") from None
+                                 f"{tag.get('id')!r}") from None
     return Interface(
         index=index, type=itype, mac=mac, target=target, alias=alias,
         source_bridge=src_bridge, source_network=_attr(src, "network"),

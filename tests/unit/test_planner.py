@@ -263,3 +263,23 @@ def test_cleanup_never_changes_flags_netplug_did_not_change(world):
     r.run(domain(1))
     r.run(domain(1, metadata=policy_xml(promiscLinks="yes")))
     assert managed_state(world, "vnet0")[1] == (False, False)
+
+
+def test_trunk_vlan_entry_goes_to_the_native_vlan_libvirt_11_made_the_pvid():
+    """libvirt >= 11 configures <vlan> on Linux-bridge taps itself (virNetDevBridgeSetupVlans,
+    11.3): it removes VLAN 1 from the tap and, for a trunk, makes the tag with nativeMode the
+    PVID. The guest's untagged frames, and so its MAC, live in that VLAN; an entry for VLAN 1
+    would be refused by the kernel (VLAN not configured on the port)."""
+    k = FakeKernel(vlan_filtering_supported=True)
+    k.add_bridge("br0", vlan_filtering=True)
+    k.add_tap("vnet0", "br0")
+    k.add_tap("vnet1", "br0")
+    dom = parse_domain(domain_xml("vm1", [
+        bridge_iface("br0", "vnet0", MACS[0], extra="<vlan trunk='yes'><tag id='42'/>"
+                                                    "<tag id='43' nativeMode='untagged'/></vlan>"),
+        bridge_iface("br0", "vnet1", MACS[1], extra="<vlan trunk='yes'><tag id='44'/>"
+                                                    "<tag id='45' nativeMode='tagged'/></vlan>")]))
+    plan, result = Runner(k).run(dom)
+    assert result.ok
+    assert [(o.device, o.vlan) for o in plan.ops if isinstance(o, ReplaceFdb)] == [
+        ("vnet0", 43), ("vnet1", 45)]
