@@ -73,9 +73,14 @@ def build_root(suite: str, dest: Path) -> float:
                        env={"PATH": PATH, "LC_ALL": "C.UTF-8", "HOME": "/root"})
     if r.returncode != 0:
         raise RuntimeError(f"mmdebstrap {suite} failed: {(r.stderr or r.stdout)[-2000:]}")
-    # What a booted machine has and a chroot lacks: name resolution; and no service may start
-    # (libvirt's packages try to start their daemons on install).
+    # What a booted machine of this kind has and a bare root lacks: name resolution, and the
+    # machine's own trusted CAs (where TLS to the package registries is inspected, pip fails
+    # without them; ca-certificates, which setup-host.sh installs, adds them to the store);
+    # and no service may start (libvirt's packages try to start their daemons on install).
     shutil.copyfile("/etc/resolv.conf", dest / "etc/resolv.conf")
+    local_cas = Path("/usr/local/share/ca-certificates")
+    if local_cas.is_dir():
+        shutil.copytree(local_cas, dest / "usr/local/share/ca-certificates", dirs_exist_ok=True)
     rc = dest / "usr/sbin/policy-rc.d"
     rc.write_text("#!/bin/sh\n# tests/lab/fresh_host.py: a chroot starts no services\nexit 101\n")
     rc.chmod(0o755)

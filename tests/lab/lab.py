@@ -52,8 +52,8 @@ from __future__ import annotations
 import atexit
 import base64
 import dataclasses
-import json
 import hashlib
+import json
 import logging
 import os
 import re
