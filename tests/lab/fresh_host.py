@@ -1,6 +1,6 @@
 """`make test`'s set-up on a clean Debian machine, in a chroot: does it install and run there?
 
-    python -m tests.lab.fresh_host [--suite trixie|bookworm] [--no-unit] [--guest] [--keep]
+    python -m tests.lab.fresh_host [--suite trixie|bookworm] [--no-unit] [--guest] [--e2e] [--keep]
 
 Builds a clean Debian root (``mmdebstrap --variant=apt``: essential packages and apt, plus
 ``make``, the one thing a person must install to type `make test`; ~30 s), copies the
@@ -13,6 +13,10 @@ root in that root with a fresh environment and timing each step:
     .venv/bin/python -m pytest tests/unit  the unit tier (skip with --no-unit)
     python -m tests.lab build              the lab's guest image from that release's kernel
                                            package (with --guest)
+    pytest tests/e2e (NETPLUG_REQUIRE_ALL=1)  the e2e tier on that machine's libvirt and on the
+                                           other release's root it builds (with --e2e; on
+                                           trixie: the Debian 13 host direction, libvirt 11
+                                           host + libvirt 9 root)
 
 The chroot runs in a private mount namespace (its /proc, /sys, /dev, a tmpfs /run and /tmp)
 and uses the host's network for apt and pip; libvirtd is not started (nothing is: the root
@@ -62,6 +66,8 @@ STEPS = (
     ("make deps", "make deps"),
     ("unit tier", ".venv/bin/python -m pytest tests/unit -q -p no:cacheprovider"),
     ("guest image", ".venv/bin/python -m tests.lab build"),
+    ("e2e tier", "NETPLUG_REQUIRE_ALL=1 .venv/bin/python -m pytest tests/e2e -q "
+                 "-p no:cacheprovider"),
 )
 
 
@@ -128,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", default="trixie", help="Debian suite (default trixie = 13)")
     ap.add_argument("--no-unit", action="store_true", help="skip the unit tier")
     ap.add_argument("--guest", action="store_true", help="also build the lab's guest image")
+    ap.add_argument("--e2e", action="store_true", help="also run the e2e tier (labs inside)")
     ap.add_argument("--keep", action="store_true", help="keep the root (path printed)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="fresh-host: %(message)s", stream=sys.stderr)
@@ -144,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         copy_project(root)
         summary["debian_version"] = probe(root, "cat /etc/debian_version")
         for name, cmd in STEPS:
-            if (name == "unit tier" and args.no_unit) or (name == "guest image"
-                                                          and not args.guest):
+            if ((name == "unit tier" and args.no_unit) or (name == "guest image" and not args.guest)
+                    or (name == "e2e tier" and not args.e2e)):
                 continue
             log.info("%s: %s", name, cmd)
             rc, secs, last = run_in(root, cmd, log_file, timeout=3600)

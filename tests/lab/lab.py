@@ -798,7 +798,10 @@ class Lab:
     def _nsenter(self) -> list[str]:
         if not self.holder_pid:
             raise LabError("lab not started")
-        return ["nsenter", "-t", str(self.holder_pid), "-m", "-n", "--"]
+        # -r: the holder's root too. Entering a mount namespace resets the root to the
+        # namespace's own; where the lab runs inside a chroot (tests/lab/fresh_host.py), that
+        # would escape it.
+        return ["nsenter", "-t", str(self.holder_pid), "-m", "-n", "-r", "--"]
 
     def _daemon(self, name: str, argv: list[str]) -> None:
         chroot = ["chroot", str(self.root)] if self.root else []
