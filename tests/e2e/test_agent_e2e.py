@@ -94,9 +94,9 @@ def metadata() -> str:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory, lab_required):
+def rig(tmp_path_factory, lab_release):
     tmp = tmp_path_factory.mktemp("agent-e2e")
-    lab = Lab()  # a fresh random name: never collides with another run's lab
+    lab = Lab(release=lab_release)  # a fresh random name: no clash with another run
     lab.start()
     agent = AgentProc(lab, tmp)
     try:
