@@ -80,9 +80,9 @@ class LabAgent:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory, lab_required):
+def rig(tmp_path_factory, lab_release):
     tmp = tmp_path_factory.mktemp("operator-e2e")
-    lab = Lab()
+    lab = Lab(release=lab_release)
     lab.start()
     agent = None
     try:

@@ -1,6 +1,6 @@
 """Record the live XML libvirt shows for running guests, one interface of every shape.
 
-    python -m tests.lab.capture_live_shapes [--out DIR]
+    python -m tests.lab.capture_live_shapes [--out DIR] [--release libvirt11]
 
 The hooks see the domain XML at start; the agent, reconcile, status and doctor read the LIVE
 XML (``virsh dumpxml`` of a running domain), which is where libvirt rewrites an interface on
@@ -80,9 +80,11 @@ def capture(lab: Lab, out: Path) -> Path:
     for xml in NETWORKS.values():
         lab.define_network(xml)
     lab.start_guest("vm1", NICS)
-    version = lab.virsh("version").stdout
-    lib = next((ln.split()[-1] for ln in version.splitlines() if "Using library" in ln),
-               "unknown")
+    version = lab.virsh("version", "--daemon").stdout
+    # The daemon's version names the directory: the host's virsh client (the "Using library"
+    # line) drives both releases' daemons.
+    lib = next((ln.split()[-1] for ln in version.splitlines()
+                if "Running against daemon" in ln), "unknown")
     d = out / f"libvirt-{lib}"
     d.mkdir(parents=True, exist_ok=True)
     domain = lab.virsh("dumpxml", "vm1").stdout
@@ -98,9 +100,20 @@ def capture(lab: Lab, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "xml-samples" / "live")
+    ap.add_argument("--release", help="libvirt release to run (tests.lab.release names, e.g. "
+                                      "libvirt11; default: the host's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    with Lab() as lab:
+    release = None
+    if args.release:
+        from .release import ensure_root, releases
+
+        release = next((r for r in releases() if r.name == args.release), None)
+        if release is None:
+            ap.error(f"unknown release {args.release!r}")
+        if not release.is_host:
+            ensure_root(release)
+    with Lab(release=release) as lab:
         d = capture(lab, args.out)
     log.info("wrote %s", d)
     return 0
