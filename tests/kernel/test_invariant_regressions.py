@@ -131,6 +131,20 @@ def test_impostor_stop_does_not_remove_the_victims_entry(host):
     assert managed(host, "vn00", "52:54:00:00:01:01")
 
 
+def test_impostor_with_the_victims_mac_cannot_override_its_policy(host):
+    """An impostor names vm0's tap AND vm0's MAC (so the tap's address matches the MAC, and no
+    extra entry shows). vm0's own policy then says promiscLinks='yes' for that interface and
+    its reconnect hands the port back; the impostor's reconnect takes it again (found by the
+    machine through reconcile, which plans both domains' intents for one tap)."""
+    host.boot("vm0")
+    host.evil_start("br0", "vn00", "52:54:00:00:01:01")
+    host.edit_meta("vm0", "first-yes")
+    host.event("vm0", "reconnect")
+    host.evil_event("reconnect")
+    host.reconcile()
+    assert untouched(host, "vn00")
+
+
 # -- issue 10 item 1: addresses netplug must never claim ------------------------------------------
 
 
