@@ -52,6 +52,7 @@ import oracle
 from fakes import (bridge_iface, domain_xml, hookdata, network_iface, network_xml,
                    networkport_xml, policy_xml, tap_mac)
 from netns import HookRig, HookRun, NetNS, setns
+from polling import wait_for
 
 MANAGED, UNTOUCHED, EITHER = "managed", "untouched", "either"
 
@@ -562,6 +563,10 @@ class World:
             if up is None:  # nbr0 has no uplink: the entry is simply gone
                 self.ns.bridge("fdb", "del", f.mac, "dev", f.tap, "master")
             else:
+                # The kernel learns (and lets one add a learned entry) only on a forwarding
+                # port: the uplink gets there a moment after the host is built.
+                wait_for(lambda: oracle.bridge_links(self.ns.name)[up].get("state") ==
+                         "forwarding", timeout=5, what=f"{up} forwarding")
                 self.ns.bridge("fdb", "replace", f.mac, "dev", up, "master", "dynamic")
         f.dirty = True
         self.check(self.steps[-1])
@@ -636,9 +641,16 @@ class World:
         self.check(self.steps[-1])
 
     def stolen_macs(self) -> set[str]:
-        """MACs a running hostile domain uses (their owners may not boot meanwhile: which of two
-        guests with one MAC gets it is first come, first served)."""
-        return {self.evil.mac} if self.evil and self.evil.phase == "running" else set()
+        """Addresses a running hostile domain uses, its MAC and its tap's (their owners may not
+        boot meanwhile: which of two guests with one MAC gets it is first come, first served,
+        and of two ports with one address the bridge keeps one local entry)."""
+        if self.evil is None or self.evil.phase != "running":
+            return set()
+        return {self.evil.mac, tap_mac(self.evil.mac)}
+
+    def may_boot(self, dom: Dom) -> bool:
+        stolen = self.stolen_macs()
+        return not any({f.mac, tap_mac(f.mac)} & stolen for f in dom.ifaces)
 
     # -- the invariants -----------------------------------------------------------------------
 
