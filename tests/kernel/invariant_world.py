@@ -80,8 +80,13 @@ BRIDGE_KEYS = ("vlan_filtering", "stp_state", "ageing_time", "forward_delay", "g
                "mcast_snooping", "no_linklocal_learn")
 
 NETWORK = "mgd"
-NETWORK_XML = network_xml(NETWORK, "nbr0", forward=None,
-                          metadata=policy_xml(promiscLinks="no"))
+# The network's metadata policy (net-update/net-define + the `updated` hook): promiscLinks.
+NET_POLICIES = {"no": "no", "yes": "yes", "invalid": "maybe"}
+
+
+def network_doc(policy: str = "no") -> str:
+    return network_xml(NETWORK, "nbr0", forward=None,
+                       metadata=policy_xml(promiscLinks=NET_POLICIES[policy]))
 
 # Config file variants: (text, valid, br0 managed, sticky)
 CONFIGS: dict[str, tuple[str, bool, bool, bool]] = {
@@ -298,13 +303,14 @@ class World:
         self.doms = {d.name: d for d in domains}
         self.steps: list[str] = []
         self.config = "managed"
+        self.net_policy = "no"
         self.evil: Evil | None = None
         self.rig = InprocessRig(ns, root)
         self.node = os.path.join(root, "node.xml")
         self._build()
         self.rig.write_config(CONFIGS[self.config][0])
-        self._hook("network", NETWORK, "start", hookdata(NETWORK_XML))
-        self._hook("network", NETWORK, "started", hookdata(NETWORK_XML))
+        self._hook("network", NETWORK, "start", hookdata(network_doc(self.net_policy)))
+        self._hook("network", NETWORK, "started", hookdata(network_doc(self.net_policy)))
         snap = oracle.snapshot(ns.name)
         self.base_foreign = self._foreign_view(snap)
         self.base_entries = {e for e in self._entries(snap)
@@ -370,7 +376,7 @@ class World:
         return domain_xml(dom.name, ifaces, uuid=dom.uuid, metadata=meta)
 
     def port_xml(self, dom: Dom, f: Iface) -> str:
-        return hookdata(NETWORK_XML, networkport_xml(dom.name, f.mac, NETWORK, "nbr0",
+        return hookdata(network_doc(self.net_policy), networkport_xml(dom.name, f.mac, NETWORK, "nbr0",
                                                      uuid=f.portid))
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -417,14 +423,15 @@ class World:
     def desired(self, dom: Dom, f: Iface) -> tuple[str, bool] | None:
         """What the policy in force says for this interface; None: the config or the domain
         policy is invalid, so whatever was applied is kept."""
-        if not self.config_valid or dom.meta == "invalid":
+        if not self.config_valid or dom.meta == "invalid" or (
+                f.kind == "net" and self.net_policy == "invalid"):
             return None
         _text, _valid, br0_managed, sticky = CONFIGS[self.config]
         promisc: bool | None = None  # promiscLinks, through the layers
         if f.kind == "br0":
             promisc = False if br0_managed else None
         elif f.kind == "net":
-            promisc = False
+            promisc = self.net_policy == "yes"
         if dom.meta == "all-no":
             promisc = False
         if dom.meta == "first-yes" and f.index == 0:
@@ -521,13 +528,28 @@ class World:
     def network_restart(self) -> None:
         """The network driver restarts: `network started`, then port-created for every port."""
         self._log("network_restart()")
-        self._hook("network", NETWORK, "started", hookdata(NETWORK_XML))
+        self._hook("network", NETWORK, "started", hookdata(network_doc(self.net_policy)))
         for dom in self.doms.values():
             if dom.phase == "running":
                 for f in dom.ifaces:
                     if f.kind == "net":
                         self._hook("network", NETWORK, "port-created", self.port_xml(dom, f))
         # A re-plug may repair a port but promises nothing new: expectations stay.
+        self.check(self.steps[-1])
+
+    def network_update(self, variant: str) -> None:
+        """The network's policy edited (virsh net-update / net-edit): the `updated` hook."""
+        self._log(f"network_update({variant!r})")
+        self.net_policy = variant
+        self._hook("network", NETWORK, "updated", hookdata(network_doc(variant)))
+        if variant == "yes":
+            # No longer managed: its ports may be handed back now or at their next event.
+            for dom in self.doms.values():
+                if dom.phase != "running":
+                    continue
+                for f in dom.ifaces:
+                    if f.kind == "net" and not f.dirty and f.exp == MANAGED:
+                        f.exp, f.sticky = EITHER, None
         self.check(self.steps[-1])
 
     # -- steps: the operator -------------------------------------------------------------------
@@ -605,7 +627,7 @@ class World:
         if self.evil is not None and self.evil.phase == "running":
             doms.append(self.evil.xml())
         with open(self.node, "w") as f:
-            f.write("<node>" + "".join(doms) + NETWORK_XML + "</node>")
+            f.write("<node>" + "".join(doms) + network_doc(self.net_policy) + "</node>")
 
     # -- steps: someone hostile ----------------------------------------------------------------
 
@@ -782,7 +804,7 @@ class World:
     # -- diagnostics ---------------------------------------------------------------------------
 
     def describe(self) -> str:
-        lines = [f"config {self.config}"]
+        lines = [f"config {self.config}, network policy {self.net_policy}"]
         for dom in self.doms.values():
             lines.append(f"{dom.name} {dom.phase} meta={dom.meta}: " + ", ".join(
                 f"{f.tap}/{f.kind}/{f.exp}{'/dirty' if f.dirty else ''}" for f in dom.ifaces))
@@ -798,5 +820,5 @@ class World:
 
 
 __all__ = ["World", "Dom", "Iface", "Evil", "make_domains", "CONFIGS", "VALID_CONFIGS",
-           "INVALID_CONFIGS", "METAS", "MANAGED", "UNTOUCHED", "EITHER", "InvariantViolation",
+           "INVALID_CONFIGS", "METAS", "NET_POLICIES", "MANAGED", "UNTOUCHED", "EITHER", "InvariantViolation",
            "EVIL_MAC", "BR0_ADDR", "UP0_ADDR", "FTAP_ADDR", "FOREIGN_UP", "FOREIGN_F"]

@@ -68,6 +68,22 @@ def test_invalid_domain_policy_then_reconcile_keeps_isolation(host):
     assert managed(host, "vn00", "52:54:00:00:01:01")
 
 
+@pytest.mark.parametrize("then", ["nothing", "reconnect", "reconcile"])
+def test_invalid_network_policy_keeps_isolation(host, then):
+    """The network's metadata policy made invalid (virsh net-update/net-edit): today the
+    `updated` hook treats it as "not managed" and hands every running guest's port back
+    (learning/flood on, entry deleted); with that fixed, the next reconnect (the recorded
+    policy has an error) and reconcile (the live one) still do. Keep what was applied."""
+    host.boot("vm1")
+    host.network_update("invalid")
+    if then == "reconnect":
+        host.network_restart()
+        host.event("vm1", "reconnect")
+    elif then == "reconcile":
+        host.reconcile()
+    assert managed(host, "vn10", "52:54:00:00:02:01")
+
+
 # -- issue 10 item 4: crash consistency ----------------------------------------------------------
 
 

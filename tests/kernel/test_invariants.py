@@ -5,7 +5,7 @@ host, on a REAL bridge in a fresh network namespace per example (the world and t
 invariant_world.py): guests started, restarted (`started`, `reconnect`), stopped and released,
 with their taps created and deleted as libvirtd does; the network driver re-plugging ports;
 the config edited (valid and invalid: an unknown key, a bad value, broken TOML); a domain's
-policy edited live (valid and invalid); a hook killed right after its k-th kernel write; ports
+policy edited live, and the network's (valid and invalid); a hook killed right after its k-th kernel write; ports
 changed by hand (flags flipped, the guest's entry deleted or learned on the uplink);
 `netplug reconcile`; and a domain whose XML someone hostile wrote (its <target dev> names the
 uplink, the bridge, a foreign tap or another guest's tap; its MAC is the bridge's, the
@@ -56,7 +56,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, precondition
 from netns import NetNS, unavailable  # noqa: E402
 
 from .invariant_world import (BR0_ADDR, CONFIGS, EVIL_MAC, FOREIGN_UP, FTAP_ADDR, MANAGED,  # noqa
-                              METAS, UP0_ADDR, Evil, World, make_domains)
+                              METAS, NET_POLICIES, UP0_ADDR, Evil, World, make_domains)
 from fakes import tap_mac  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -211,6 +211,12 @@ class HostMachine(RuleBasedStateMachine):
     @rule()
     def network_restart(self):
         self.world.network_restart()
+
+    @family("network")
+    @precondition(lambda self: self.world is not None)
+    @rule(variant=st.sampled_from(sorted(NET_POLICIES)))
+    def network_update(self, variant):
+        self.world.network_update(variant)
 
     # -- the operator ---------------------------------------------------------------------------
 
