@@ -45,7 +45,7 @@ import signal
 import subprocess
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import oracle
@@ -376,8 +376,8 @@ class World:
         return domain_xml(dom.name, ifaces, uuid=dom.uuid, metadata=meta)
 
     def port_xml(self, dom: Dom, f: Iface) -> str:
-        return hookdata(network_doc(self.net_policy), networkport_xml(dom.name, f.mac, NETWORK, "nbr0",
-                                                     uuid=f.portid))
+        port = networkport_xml(dom.name, f.mac, NETWORK, "nbr0", uuid=f.portid)
+        return hookdata(network_doc(self.net_policy), port)
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -820,5 +820,6 @@ class World:
 
 
 __all__ = ["World", "Dom", "Iface", "Evil", "make_domains", "CONFIGS", "VALID_CONFIGS",
-           "INVALID_CONFIGS", "METAS", "NET_POLICIES", "MANAGED", "UNTOUCHED", "EITHER", "InvariantViolation",
-           "EVIL_MAC", "BR0_ADDR", "UP0_ADDR", "FTAP_ADDR", "FOREIGN_UP", "FOREIGN_F"]
+           "INVALID_CONFIGS", "METAS", "NET_POLICIES", "MANAGED", "UNTOUCHED", "EITHER",
+           "InvariantViolation", "EVIL_MAC", "BR0_ADDR", "UP0_ADDR", "FTAP_ADDR", "FOREIGN_UP",
+           "FOREIGN_F"]

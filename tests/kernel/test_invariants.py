@@ -5,11 +5,11 @@ host, on a REAL bridge in a fresh network namespace per example (the world and t
 invariant_world.py): guests started, restarted (`started`, `reconnect`), stopped and released,
 with their taps created and deleted as libvirtd does; the network driver re-plugging ports;
 the config edited (valid and invalid: an unknown key, a bad value, broken TOML); a domain's
-policy edited live, and the network's (valid and invalid); a hook killed right after its k-th kernel write; ports
-changed by hand (flags flipped, the guest's entry deleted or learned on the uplink);
-`netplug reconcile`; and a domain whose XML someone hostile wrote (its <target dev> names the
-uplink, the bridge, a foreign tap or another guest's tap; its MAC is the bridge's, the
-uplink's, a foreign tap's, an admin's entry's or another running guest's).
+policy edited live, and the network's (valid and invalid); a hook killed right after its k-th
+kernel write; ports changed by hand (flags flipped, the guest's entry deleted or learned on the
+uplink); `netplug reconcile`; and a domain whose XML someone hostile wrote (its <target dev>
+names the uplink, the bridge, a foreign tap or another guest's tap; its MAC is the bridge's,
+the uplink's, a foreign tap's, an admin's entry's or another running guest's).
 
 After EVERY step, read through the independent oracle: foreign state is bit for bit what it
 was; every running managed guest's port has exactly its static entry and learning/flood off
@@ -20,7 +20,7 @@ exits 0 (and so does every other event: strict mode is off), nothing on stdout, 
 
 Running it:
 - default ("ci" profile): derandomized (the same 30 sequences of up to 25 steps every run),
-  no example database, no shrinking: 46-50 s on this project's 2-core VM when every
+  no example database, no shrinking: 40-50 s on this project's 2-core VM when every
   invariant holds (measured 2026-11-30 against the hook path with issue 10's bugs stubbed
   out); a failure on today's code is reported within seconds;
 - longer, random, with a database under .pytest_cache so a failure is replayed first
