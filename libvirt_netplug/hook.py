@@ -130,7 +130,7 @@ def _sync_ports(ctx: _Context, name: str, intents: list, op: str, *,
     record = _own_record(ctx, name)
     if record is None:
         return
-    if not any(it.managed or it.hold for it in intents) and not pick(record):
+    if not any(it.managed or it.hold or it.claims for it in intents) and not pick(record):
         for n in plan_ports(intents, None).notes:
             ctx.note(n)
         return

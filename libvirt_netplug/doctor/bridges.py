@@ -140,8 +140,11 @@ def bridge_view(name: str, report: SyncReport, kernel, sysfs: str = "/sys/class/
                    br.promiscuity)
     guests = {i.tap: (d, i) for d in report.domains for i in d.bridge_intents
               if i.tap and i.bridge == name}
+    # Ports netplug applied something to (a record with neither entries nor flags only says
+    # whose tap it is: an interface that opted out with promiscLinks='yes').
     recorded = {tap for rec in report.records.values()
-                for tap, r in rec.get("ports", {}).items() if r.get("bridge") == name}
+                for tap, r in rec.get("ports", {}).items()
+                if r.get("bridge") == name and (r.get("fdb") or r.get("flags"))}
     for pname, link in sorted(links.items()):
         if link.master != name:
             continue

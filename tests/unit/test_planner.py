@@ -150,12 +150,15 @@ def test_records_drive_cleanup_of_exactly_what_was_added(world):
     r.run(domain())
     assert sorted(r.record["ports"]) == ["vnet0", "vnet1", "vnet2"]
     assert r.record["ports"]["vnet0"]["fdb"] == [[MACS[0], None]]
-    # The policy changes to "yes" for the whole domain: the next run cleans up.
+    # The policy changes to "yes" for the whole domain: the next run cleans up, and keeps the
+    # taps recorded as this domain's (nothing applied), so no other domain can claim them.
     plan, result = r.run(domain(metadata=policy_xml(promiscLinks="yes")))
-    assert result.ok and set(plan.cleaned) == {"vnet0", "vnet1", "vnet2"}
+    assert result.ok and set(plan.claimed) == {"vnet0", "vnet1", "vnet2"}
     assert [type(o) for o in plan.ops[:2]] == [SetPortFlags, DeleteFdb]  # flood back first
     assert world.snapshot() == pristine
-    assert r.record["ports"] == {}
+    assert {tap: (p["fdb"], p["flags"]) for tap, p in r.record["ports"].items()} == {
+        tap: ([], False) for tap in ("vnet0", "vnet1", "vnet2")}
+    assert r.run(domain(metadata=policy_xml(promiscLinks="yes")))[0].ops == ()
 
 
 def test_cleanup_leaves_a_recreated_tap_alone(world):
