@@ -53,6 +53,9 @@ class Row:
     learning: bool | None = None
     flood: bool | None = None
     fdb: bool | None = None  # a static entry for the guest's MAC on its tap
+    # Static entries on the tap for the guest's MAC and its extra MACs, as (MAC, VLAN): the
+    # kernel's key (VLAN None: "no VLAN", VID 0).
+    fdb_entries: tuple[tuple[str, int | None], ...] = ()
     rx: dict[str, Any] | None = None
     state: str = "-"  # ok | drift | error | unmanaged | retired
     drift: tuple[str, ...] = ()  # what reconcile would do for this interface
@@ -91,6 +94,11 @@ def _bridge_row(ds: DomainSync, it: PortIntent, observed: Observed | None,
         if it.mac and it.bridge:
             row.fdb = any(e.port == it.tap and e.state == "static"
                           for e in observed.entries_for_mac(it.bridge, it.mac))
+            row.fdb_entries = tuple(sorted(
+                ((e.mac, e.vlan) for mac in (it.mac, *it.extra_macs)
+                 for e in observed.entries_for_mac(it.bridge, mac)
+                 if e.port == it.tap and e.state == "static"),
+                key=lambda k: (k[0] != it.mac, k[0], k[1] or 0)))
     ops = [op for op in ds.ops if op.device == it.tap] if it.tap else []
     row.drift = tuple(op.what() for op in ops)
     row.problems = _problems_for(ds, label, it.mac)
@@ -244,10 +252,22 @@ def table(rows: Iterable[Row]) -> list[str]:
     for r in rows:
         cells.append((r.domain, r.interface, r.type, r.bridge or r.lower or r.network or "-",
                       r.device or "-", r.mac or "-", _policy_cell(r), _yn(r.learning),
-                      _yn(r.flood), _yn(r.fdb, "yes", "no"), _rx_cell(r), r.state,
+                      _yn(r.flood), _fdb_cell(r), _rx_cell(r), r.state,
                       _time_cell(r.last_change)))
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+
+
+def _fdb_cell(r: Row) -> str:
+    """"yes", "yes (VLAN 10, 20)" where the port is in VLANs, "+2 MACs" for extra MACs."""
+    cell = _yn(r.fdb, "yes", "no")
+    vlans = sorted({v for m, v in r.fdb_entries if m == r.mac and v is not None})
+    if r.fdb and vlans:
+        cell += f" (VLAN {','.join(map(str, vlans))})"
+    extra = {m for m, _v in r.fdb_entries if m != r.mac}
+    if extra:
+        cell += f" +{len(extra)} MAC{'s' * (len(extra) != 1)}"
+    return cell
 
 
 def footnotes(rows: Iterable[Row], report: SyncReport) -> list[str]:

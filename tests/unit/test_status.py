@@ -323,3 +323,22 @@ def test_a_missing_explicit_config_is_an_error(world, capsys, tmp_path):
                                              "--config out to use " +
                                              os.environ["NETPLUG_CONFIG"] +
                                              " (from $NETPLUG_CONFIG)")
+
+
+def test_entries_are_shown_per_vlan_of_the_port(tmp_path, capsys, monkeypatch):
+    """(MAC, VLAN) is the unit: status lists the VLANs the guest's entries cover, and a VLAN
+    the port joined later, with no entry yet, shows as drift (what reconcile would add)."""
+    k = FakeKernel(vlan_filtering_supported=True).install_into(monkeypatch)
+    w = World(tmp_path, k)
+    k.devs["br0"].vlan_filtering = True
+    k.set_port_vlans("tap1", {10, 20}, pvid=10)
+    w.seed()
+    rc, out, _ = netplug(w.argv("status", "--json"), capsys)
+    r = rows_of(out)[("vm1", "ua-net1")]
+    assert [tuple(e) for e in r["fdb_entries"]] == [(B, None), (B, 10), (B, 20)]
+    rc, out, _ = netplug(w.argv("status"), capsys)
+    assert "yes (VLAN 10,20)" in next(ln for ln in out.splitlines() if " tap1 " in ln)
+    k.set_port_vlans("tap1", {10, 20, 30}, pvid=10)
+    rc, out, _ = netplug(w.argv("status", "--json"), capsys)
+    r = rows_of(out)[("vm1", "ua-net1")]
+    assert r["state"] == "drift" and r["drift"] == [f"add static FDB entry {B} vlan 30 on tap1"]
