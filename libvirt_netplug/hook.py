@@ -398,6 +398,10 @@ def main(argv: list[str], stdin, stderr, *, kind: str | None = None,
     logsetup.setup(f"{kind or 'hook'}-hook", stderr)
     import logging
 
+    # A handler that cannot write (a full syslog socket) drops the record silently instead
+    # of printing its own traceback.
+    logging.raiseExceptions = False
+
     log = logging.getLogger("libvirt_netplug.hook")
     if kind not in ("qemu", "network"):
         log.error("unknown hook object %r (argv %s); expected to be run as the qemu or "
@@ -550,11 +554,6 @@ def run(kind: str, *, config: str | None = None, state_dir: str | None = None) -
     the interpreter's teardown (nothing is left to tear down; it costs 15 ms a hook)."""
     rc = 0
     try:
-        import logging
-
-        # A handler that cannot write (a full syslog socket) drops the record silently
-        # instead of printing its own traceback.
-        logging.raiseExceptions = False
         _standard_fds()
         # Whatever happens below, nothing may reach libvirt through stdout: for migrate and
         # restore it would replace the domain XML. Point fd 1 at stderr.
@@ -576,11 +575,11 @@ def run(kind: str, *, config: str | None = None, state_dir: str | None = None) -
     except BaseException:  # noqa: BLE001 - by default nothing fails a libvirt operation
         rc = 0
     finally:
-        import logging
-
-        for h in logging.getLogger("libvirt_netplug").handlers:
-            try:
-                h.flush()
-            except Exception:  # noqa: BLE001
-                pass
+        logging = sys.modules.get("logging")  # not imported for an event the hook ignores
+        if logging is not None:
+            for h in logging.getLogger("libvirt_netplug").handlers:
+                try:
+                    h.flush()
+                except Exception:  # noqa: BLE001
+                    pass
         os._exit(rc)
