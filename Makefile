@@ -1,6 +1,7 @@
 # libvirt-netplug: the two commands the README promises work on a fresh Debian 12 machine.
 #   make demo   set everything up, then show netplug managing real bridges and a real guest
-#   make test   set everything up, then run every test tier (unit, kernel, e2e)
+#   make test   set everything up, then run every test tier (unit, kernel, e2e, and the
+#               VLAN-kernel tier: tests/vlankernel boots Debian's kernel under QEMU)
 # Both need root: the kernel tier and the lab create network namespaces, bridges and taps.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-kernel test-e2e deps host-packages bench clean
+.PHONY: demo test test-unit test-kernel test-e2e test-vlankernel deps host-packages bench clean deb
 
 demo: deps
 	$(PY) -m tests.lab.demo
@@ -24,6 +25,9 @@ test-kernel: deps
 
 test-e2e: deps
 	$(PY) -m pytest tests/e2e
+
+test-vlankernel: deps
+	$(PY) -m pytest tests/vlankernel
 
 bench: deps
 	$(PY) bench/hook_latency.py
@@ -41,6 +45,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[agent,test]'
 	@touch $@
+
+# The Debian package (dh-python/pybuild), built from the working tree into build/deb/.
+deb:
+	@scripts/build-deb.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -80,6 +80,7 @@ class Agent:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        (self.workdir / "none.toml").write_text("")  # an explicit --config must exist
         with open(self.logfile, "ab") as out:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.lab.name, *netplug_cli(), "agent", "--connect",

@@ -337,6 +337,10 @@ def record_ports(record: MutableMapping[str, Any], plan: Plan, observed: Observe
                 op.device == tap for op in effective):
             continue
         ports[tap] = _port_record(it, link, ports.get(tap))
+    for it in plan.intents:  # unmanaged but this domain's: the record proves ownership
+        if it.tap in plan.claimed and (link := observed.links.get(it.tap)) is not None:
+            managed[it.tap] = (it, link)
+            ports[it.tap] = _port_record(it, link, ports.get(it.tap))
     for op, err in result.errors:
         if isinstance(err, DeviceGone) and op.device in managed:
             ports.pop(op.device, None)  # the tap is gone, and everything on it

@@ -1,18 +1,24 @@
 """The ``netplug`` command.
 
 Every subcommand reports user errors as one line on stderr with exit status 1, never a
-traceback. Subcommand modules are imported only when used.
+traceback; with ``--json`` the error is also a JSON document on stdout (docs/reconcile.md).
+Subcommand modules are imported only when used.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable
 
 from .errors import NetplugError
 from .hook import QEMU_APPLY, QEMU_CLEANUP  # hook.py imports nothing more at module level
+
+# The format version of every JSON document a command prints ("version" in the document):
+# raised when a field changes meaning or goes away, not when one is added.
+JSON_VERSION = 1
 
 # The events `plan --op` models: the hook's own, plus these that it leaves alone.
 IGNORED_OPS = ("prepare", "migrate", "restore")
@@ -48,6 +54,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         networks[net.name] = net
     # Without --config nothing host-specific leaks into the plan: the default config file is
     # read only when named, so the same inputs always give the same plan.
+    if args.config:
+        from .paths import resolve
+
+        resolve(args.config)  # an explicit --config must exist
     config = load_config(args.config) if args.config else Config()
     intents = bridge_intents(domain, networks, config)
     if op in QEMU_APPLY:
@@ -61,19 +71,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plan = Plan(plan.ops, plan.notes, tuple(intents))
     else:
         plan = Plan(intents=tuple(intents))
-    doc = {"domain": domain.name, "op": op, **plan.to_json()}
+    doc = {"version": JSON_VERSION, "command": "plan", "domain": domain.name, "op": op,
+           **plan.to_json()}
     json.dump(doc, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
     return 0
 
 
-def cmd_install_hooks(args: argparse.Namespace) -> int:
-    from .install import install
+RELOAD_HINT = ("libvirt reads its hooks when its daemon starts or reloads: run 'systemctl "
+               "reload libvirtd' (monolithic daemon) or 'systemctl reload virtqemud "
+               "virtnetworkd' (modular daemons)")
 
-    for path in install(args.hooks_dir, args.python, args.config, args.state_dir):
-        print(f"installed {path}")
-    print("libvirtd reads its hooks at start or reload: run 'systemctl reload libvirtd' "
-          "(or restart it)", file=sys.stderr)
+
+def cmd_install_hooks(args: argparse.Namespace) -> int:
+    from .install import install, read_shim, shim_paths
+
+    config, state_dir = args.config, args.state_dir
+    if args.keep_paths:
+        # An upgrade (the Debian package's postinst) must not reset what the operator chose.
+        old = read_shim(shim_paths(args.hooks_dir)["qemu"])
+        if old is not None:
+            config = config or old.config
+            state_dir = state_dir or old.state_dir
+    done = install(args.hooks_dir, args.python, config, state_dir)
+    changed = any(d.action != "unchanged" for d in done)
+    if args.json:
+        _dump({"version": JSON_VERSION, "command": "install-hooks", "changed": changed,
+               "hooks": [{"path": d.path, "action": d.action} for d in done]})
+    else:
+        for d in done:
+            print(f"{d.action} {d.path}")
+    if changed:
+        print(RELOAD_HINT, file=sys.stderr)
     return 0
 
 
@@ -81,25 +110,52 @@ def cmd_uninstall_hooks(args: argparse.Namespace) -> int:
     from .install import uninstall
 
     removed = uninstall(args.hooks_dir)
+    if args.json:
+        _dump({"version": JSON_VERSION, "command": "uninstall-hooks", "changed": bool(removed),
+               "removed": removed})
+        return 0
     for path in removed:
         print(f"removed {path}")
     if not removed:
         print("no netplug hooks installed in " + args.hooks_dir, file=sys.stderr)
+    else:
+        print(RELOAD_HINT, file=sys.stderr)
     return 0
+
+
+def _dump(doc: dict) -> None:
+    json.dump(doc, sys.stdout, indent=2)
+    sys.stdout.write("\n")
 
 
 def cmd_hook(args: argparse.Namespace) -> int:
     from .hook import main
+    from .paths import resolve
 
+    # By hand, a hook uses what the installed shims give it unless told otherwise.
+    paths = resolve(args.config, args.state_dir, hooks_dir=args.hooks_dir)
     return main([args.kind, *args.hook_args], sys.stdin.buffer, sys.stderr, kind=args.kind,
-                config=args.config, state_dir=args.state_dir)
+                config=paths.config.value, state_dir=paths.state_dir.value)
+
+
+def version() -> str:
+    """The installed distribution's version (the Debian package and pip both record it)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("libvirt-netplug")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .install import DEFAULT_HOOKS_DIR
+    from .paths import DEFAULT_HOOKS_DIR
 
     p = argparse.ArgumentParser(prog="netplug", description=(
         "Bridge MAC-table management and macvtap RX-filter sync for libvirt hosts."))
+    p.add_argument("--version", action="version",
+                   version=f"netplug {version()} (Python {sys.version.split()[0]}, "
+                           f"{os.path.dirname(os.path.abspath(__file__))})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sp = sub.add_parser("plan", help="print, as JSON, what the hook would do (no root, no "
@@ -111,23 +167,37 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--op", default="start", help="hook operation to plan (default: start)")
     sp.set_defaults(func=cmd_plan)
 
-    sp = sub.add_parser("install-hooks", help="install the libvirt hook shims")
-    sp.add_argument("--hooks-dir", default=DEFAULT_HOOKS_DIR)
+    sp = sub.add_parser("install-hooks", help="install the libvirt hook shims",
+                        description="Install HOOKS/qemu.d/libvirt-netplug and HOOKS/network.d/"
+                                    "libvirt-netplug, bound to an interpreter. Prints per shim "
+                                    "whether it was installed, updated or unchanged; the other "
+                                    "commands and the agent read the config and state dir "
+                                    "back from the shims.")
+    sp.add_argument("--hooks-dir", default=DEFAULT_HOOKS_DIR,
+                    help=f"libvirt's hooks directory (default: {DEFAULT_HOOKS_DIR})")
     sp.add_argument("--python", help="interpreter to bind the shims to (default: this one)")
     sp.add_argument("--config", help="config path to write into the shims (libvirtd passes "
                                      "no environment to hooks)")
     sp.add_argument("--state-dir", help="state dir to write into the shims")
+    sp.add_argument("--keep-paths", action="store_true",
+                    help="keep the config and state dir the installed shims use, unless "
+                         "given (what a package upgrade does)")
+    sp.add_argument("--json", action="store_true", help="print a JSON document")
     sp.set_defaults(func=cmd_install_hooks)
 
     sp = sub.add_parser("uninstall-hooks", help="remove exactly the shims install-hooks wrote")
-    sp.add_argument("--hooks-dir", default=DEFAULT_HOOKS_DIR)
+    sp.add_argument("--hooks-dir", default=DEFAULT_HOOKS_DIR,
+                    help=f"libvirt's hooks directory (default: {DEFAULT_HOOKS_DIR})")
+    sp.add_argument("--json", action="store_true", help="print a JSON document")
     sp.set_defaults(func=cmd_uninstall_hooks)
 
     sp = sub.add_parser("hook", help="run a hook by hand, as libvirtd would (XML on stdin)")
     sp.add_argument("kind", choices=("qemu", "network"))
     sp.add_argument("hook_args", nargs=argparse.REMAINDER, metavar="OBJECT OP SUBOP EXTRA")
-    sp.add_argument("--config")
-    sp.add_argument("--state-dir")
+    sp.add_argument("--config", help="config (default: the installed hooks')")
+    sp.add_argument("--state-dir", help="state dir (default: the installed hooks')")
+    sp.add_argument("--hooks-dir", default=DEFAULT_HOOKS_DIR,
+                    help=f"where the hook shims are installed (default: {DEFAULT_HOOKS_DIR})")
     sp.set_defaults(func=cmd_hook)
 
     for register in _extra_commands():
@@ -140,7 +210,7 @@ def _extra_commands() -> list[Callable]:
     import importlib
 
     out = []
-    for modname in ("agent", "reconcile", "status", "doctor"):
+    for modname in ("agent", "reconcile", "status", "doctor", "checkconfig"):
         try:
             mod = importlib.import_module(f"libvirt_netplug.{modname}")
         except ModuleNotFoundError as e:
@@ -158,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except NetplugError as e:
         print(f"netplug {args.command}: error: {e}", file=sys.stderr)
+        if getattr(args, "json", False):
+            _dump({"version": JSON_VERSION, "command": args.command, "exit_status": 1,
+                   "error": str(e)})
         return 1
     except KeyboardInterrupt:
         return 130

@@ -130,12 +130,15 @@ def _sync_ports(ctx: _Context, name: str, intents: list, op: str, *,
     record = _own_record(ctx, name)
     if record is None:
         return
-    if not any(it.managed or it.hold for it in intents) and not pick(record):
+    if not any(it.managed or it.hold or it.claims for it in intents) and not pick(record):
         for n in plan_ports(intents, None).notes:
             ctx.note(n)
         return
+    def owner_of(tap: str, ifindex: int) -> str | None:
+        return ctx.state.port_owner(tap, ifindex, me=name)
+
     with NetlinkKernel() as kernel:
-        observed = observe_ports(kernel, intents, pick(record), ctx.state.port_owner)
+        observed = observe_ports(kernel, intents, pick(record), owner_of)
         plan = plan_ports(intents, observed, pick(record))
         if not plan.ops:
             after = copy.deepcopy(record)
@@ -150,7 +153,7 @@ def _sync_ports(ctx: _Context, name: str, intents: list, op: str, *,
             record = _own_record(ctx, name)
             if record is None:
                 return
-            observed = observe_ports(kernel, intents, pick(record), ctx.state.port_owner)
+            observed = observe_ports(kernel, intents, pick(record), owner_of)
             plan = plan_ports(intents, observed, pick(record))
             for n in plan.notes:
                 ctx.note(n)
@@ -391,10 +394,13 @@ def main(argv: list[str], stdin, stderr, *, kind: str | None = None,
         _read_stdin(stdin)
         return 0
     from . import logsetup
-    from .errors import NetplugError
 
     logsetup.setup(f"{kind or 'hook'}-hook", stderr)
     import logging
+
+    # A handler that cannot write (a full syslog socket) drops the record silently instead
+    # of printing its own traceback.
+    logging.raiseExceptions = False
 
     log = logging.getLogger("libvirt_netplug.hook")
     if kind not in ("qemu", "network"):
@@ -407,6 +413,24 @@ def main(argv: list[str], stdin, stderr, *, kind: str | None = None,
         log.warning("%s %s: operation %r is not one netplug handles; ignored", kind,
                     obj or "?", op)
         return 0
+    errors = _ErrorCounter()
+    log.parent.addHandler(errors)
+    rc = _handle(kind, obj, op, stdin, config, state_dir, log)
+    log.parent.removeHandler(errors)
+    # What `netplug status` shows as this domain's (network's) last hook run. Best effort.
+    from . import hookresult
+    from .state import state_dir_path
+
+    hookresult.record(state_dir_path(state_dir), kind, obj, op,
+                      argv[3] if len(argv) > 3 else "-", errors=errors.count,
+                      error=errors.first, exit_status=rc)
+    return rc
+
+
+def _handle(kind: str, obj: str, op: str, stdin, config: str | None, state_dir: str | None,
+            log) -> int:
+    from .errors import NetplugError
+
     ctx = None
     try:
         data = _read_stdin(stdin)
@@ -430,6 +454,24 @@ def main(argv: list[str], stdin, stderr, *, kind: str | None = None,
         log.error("%s %s %s: failing the operation because strict mode is on", kind, obj, op)
         return 1
     return 0
+
+
+class _ErrorCounter:
+    """A logging handler that only counts this run's errors and keeps the first (for the
+    hook's last result); duck-typed, so defining it costs nothing until a hook has work."""
+
+    level = 40  # logging.ERROR
+
+    def __init__(self):
+        self.count = 0
+        self.first: str | None = None
+
+    def handle(self, record) -> bool:
+        if record.levelno >= self.level:
+            self.count += 1
+            if self.first is None:
+                self.first = record.getMessage()
+        return True
 
 
 class _BoundedStderr:
@@ -512,11 +554,6 @@ def run(kind: str, *, config: str | None = None, state_dir: str | None = None) -
     the interpreter's teardown (nothing is left to tear down; it costs 15 ms a hook)."""
     rc = 0
     try:
-        import logging
-
-        # A handler that cannot write (a full syslog socket) drops the record silently
-        # instead of printing its own traceback.
-        logging.raiseExceptions = False
         _standard_fds()
         # Whatever happens below, nothing may reach libvirt through stdout: for migrate and
         # restore it would replace the domain XML. Point fd 1 at stderr.
@@ -538,11 +575,11 @@ def run(kind: str, *, config: str | None = None, state_dir: str | None = None) -
     except BaseException:  # noqa: BLE001 - by default nothing fails a libvirt operation
         rc = 0
     finally:
-        import logging
-
-        for h in logging.getLogger("libvirt_netplug").handlers:
-            try:
-                h.flush()
-            except Exception:  # noqa: BLE001
-                pass
+        logging = sys.modules.get("logging")  # not imported for an event the hook ignores
+        if logging is not None:
+            for h in logging.getLogger("libvirt_netplug").handlers:
+                try:
+                    h.flush()
+                except Exception:  # noqa: BLE001
+                    pass
         os._exit(rc)

@@ -13,7 +13,7 @@ import fcntl
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from . import netlink as nl
 from .errors import DeviceGone, KernelError, NotSupported, kernel_error
@@ -67,88 +67,93 @@ class PortVlans:
     untagged: frozenset[int] = frozenset()
 
 
-class Kernel(Protocol):
-    def links(self) -> dict[str, Link]: ...
-    def link(self, name: str) -> Link: ...
-    def bridge_ports(self, bridge: str) -> dict[str, Link]: ...
-    def fdb(self, bridge: str, port: str | None = None) -> list[FdbEntry]: ...
-    def fdb_get(self, bridge: str, mac: str, vlan: int | None = None) -> FdbEntry | None: ...
-    def port_vlans(self, port: str) -> PortVlans: ...
-    def all_port_vlans(self) -> dict[str, PortVlans]: ...
-    def fdb_get(self, bridge: str, mac: str, vlan: int | None = None) -> FdbEntry | None:
-        """The bridge's entry for (mac, vlan) on whatever port it is, or None: one request
-        (what `bridge fdb get MAC br BR [vlan V]` does), whatever the size of the table."""
-        br = self._index("read fdb entry", bridge)
-        body = nl.ndmsg(nl.AF_BRIDGE, 0, 0, 0) + nl.nla(nl.NDA_LLADDR, nl.mac_bytes(mac)) + \
-            nl.nla_u32(nl.NDA_MASTER, br)
-        if vlan is not None:
-            body += nl.nda_vlan(vlan)
-        try:
-            buf, a, b = self._nl.get(nl.RTM_GETNEIGH, body)
-        except nl.NetlinkError as e:
-            if e.errno == errno.ENOENT:
+if TYPE_CHECKING:  # the interface, for type checkers; a Protocol class costs every hook
+    # ~1 ms to create and nothing checks it at run time (tests/kernel/test_fake_contract.py
+    # checks the fake against the real thing instead)
+    from typing import Protocol
+
+    class Kernel(Protocol):
+        def links(self) -> dict[str, Link]: ...
+        def link(self, name: str) -> Link: ...
+        def bridge_ports(self, bridge: str) -> dict[str, Link]: ...
+        def fdb(self, bridge: str, port: str | None = None) -> list[FdbEntry]: ...
+        def fdb_get(self, bridge: str, mac: str, vlan: int | None = None) -> FdbEntry | None: ...
+        def port_vlans(self, port: str) -> PortVlans: ...
+        def all_port_vlans(self) -> dict[str, PortVlans]: ...
+        def fdb_get(self, bridge: str, mac: str, vlan: int | None = None) -> FdbEntry | None:
+            """The bridge's entry for (mac, vlan) on whatever port it is, or None: one request
+            (what `bridge fdb get MAC br BR [vlan V]` does), whatever the size of the table."""
+            br = self._index("read fdb entry", bridge)
+            body = nl.ndmsg(nl.AF_BRIDGE, 0, 0, 0) + nl.nla(nl.NDA_LLADDR, nl.mac_bytes(mac)) + \
+                nl.nla_u32(nl.NDA_MASTER, br)
+            if vlan is not None:
+                body += nl.nda_vlan(vlan)
+            try:
+                buf, a, b = self._nl.get(nl.RTM_GETNEIGH, body)
+            except nl.NetlinkError as e:
+                if e.errno == errno.ENOENT:
+                    return None
+                raise kernel_error(f"read fdb entry {mac}", bridge, e.errno) from e
+            n = nl.parse_neigh(buf, a, b)
+            if n is None:
                 return None
-            raise kernel_error(f"read fdb entry {mac}", bridge, e.errno) from e
-        n = nl.parse_neigh(buf, a, b)
-        if n is None:
-            return None
-        if n.ifindex == br:
-            port = bridge
-        else:
-            port = self._names.get(n.ifindex)
-            if port is None:
-                try:
-                    port = socket.if_indextoname(n.ifindex)
-                except OSError:
-                    return None  # the port vanished while we asked
-                self._names[n.ifindex] = port
-        return FdbEntry(port, n.mac, n.vlan, _fdb_state(n.state, n.flags),
-                        sticky=bool(n.flags & nl.NTF_STICKY),
-                        extern_learn=bool(n.flags & nl.NTF_EXT_LEARNED))
+            if n.ifindex == br:
+                port = bridge
+            else:
+                port = self._names.get(n.ifindex)
+                if port is None:
+                    try:
+                        port = socket.if_indextoname(n.ifindex)
+                    except OSError:
+                        return None  # the port vanished while we asked
+                    self._names[n.ifindex] = port
+            return FdbEntry(port, n.mac, n.vlan, _fdb_state(n.state, n.flags),
+                            sticky=bool(n.flags & nl.NTF_STICKY),
+                            extern_learn=bool(n.flags & nl.NTF_EXT_LEARNED))
 
-    def _vlan_dump(self, op: str, device: str, ifindex: int) -> list[nl.VlanMsg]:
-        try:
-            msgs = self._nl.dump(nl.RTM_GETVLAN, nl.br_vlan_msg(ifindex))
-        except nl.NetlinkError as e:
-            raise kernel_error(op, device, e.errno) from e
-        return [nl.parse_vlan(buf, a, b) for t, buf, a, b in msgs if t == nl.RTM_NEWVLAN]
+        def _vlan_dump(self, op: str, device: str, ifindex: int) -> list[nl.VlanMsg]:
+            try:
+                msgs = self._nl.dump(nl.RTM_GETVLAN, nl.br_vlan_msg(ifindex))
+            except nl.NetlinkError as e:
+                raise kernel_error(op, device, e.errno) from e
+            return [nl.parse_vlan(buf, a, b) for t, buf, a, b in msgs if t == nl.RTM_NEWVLAN]
 
-    def port_vlans(self, port: str) -> PortVlans:
-        """The VLANs ``port`` is in (empty without any): one filtered RTM_GETVLAN dump.
-        NotSupported on kernels without bridge VLAN filtering."""
-        idx = self._index("read port vlans", port)
-        for m in self._vlan_dump("read port vlans", port, idx):
-            if m.ifindex == idx:
-                return PortVlans(m.vids, m.pvid, m.untagged)
-        return PortVlans(frozenset())
+        def port_vlans(self, port: str) -> PortVlans:
+            """The VLANs ``port`` is in (empty without any): one filtered RTM_GETVLAN dump.
+            NotSupported on kernels without bridge VLAN filtering."""
+            idx = self._index("read port vlans", port)
+            for m in self._vlan_dump("read port vlans", port, idx):
+                if m.ifindex == idx:
+                    return PortVlans(m.vids, m.pvid, m.untagged)
+            return PortVlans(frozenset())
 
-    def all_port_vlans(self) -> dict[str, PortVlans]:
-        """Every device's VLANs in one dump (reconcile), by name (``links()`` names them)."""
-        out = {}
-        for m in self._vlan_dump("read port vlans", "all links", 0):
-            name = self._names.get(m.ifindex)
-            if name is None:
-                try:
-                    name = socket.if_indextoname(m.ifindex)
-                except OSError:
-                    continue
-            out[name] = PortVlans(m.vids, m.pvid, m.untagged)
-        return out
+        def all_port_vlans(self) -> dict[str, PortVlans]:
+            """Every device's VLANs in one dump (reconcile), by name (``links()`` names them)."""
+            out = {}
+            for m in self._vlan_dump("read port vlans", "all links", 0):
+                name = self._names.get(m.ifindex)
+                if name is None:
+                    try:
+                        name = socket.if_indextoname(m.ifindex)
+                    except OSError:
+                        continue
+                out[name] = PortVlans(m.vids, m.pvid, m.untagged)
+            return out
 
-    def device_addresses(self, dev: str) -> tuple[list[str], list[str]]: ...
-    def replace_fdb(self, port: str, mac: str, vlan: int | None = None,
-                    sticky: bool = False) -> None: ...
-    def delete_fdb(self, port: str, mac: str, vlan: int | None = None) -> bool: ...
-    def set_port_flags(self, port: str, learning: bool | None = None,
-                       flood: bool | None = None) -> None: ...
-    def set_vlan_filtering(self, bridge: str, on: bool) -> bool: ...
-    def add_multicast(self, dev: str, mac: str) -> None: ...
-    def del_multicast(self, dev: str, mac: str) -> bool: ...
-    def add_unicast(self, dev: str, mac: str) -> None: ...
-    def del_unicast(self, dev: str, mac: str) -> bool: ...
-    def set_promisc(self, dev: str, on: bool) -> None: ...
-    def set_allmulti(self, dev: str, on: bool) -> None: ...
-    def set_address(self, dev: str, mac: str) -> None: ...
+        def device_addresses(self, dev: str) -> tuple[list[str], list[str]]: ...
+        def replace_fdb(self, port: str, mac: str, vlan: int | None = None,
+                        sticky: bool = False) -> None: ...
+        def delete_fdb(self, port: str, mac: str, vlan: int | None = None) -> bool: ...
+        def set_port_flags(self, port: str, learning: bool | None = None,
+                           flood: bool | None = None) -> None: ...
+        def set_vlan_filtering(self, bridge: str, on: bool) -> bool: ...
+        def add_multicast(self, dev: str, mac: str) -> None: ...
+        def del_multicast(self, dev: str, mac: str) -> bool: ...
+        def add_unicast(self, dev: str, mac: str) -> None: ...
+        def del_unicast(self, dev: str, mac: str) -> bool: ...
+        def set_promisc(self, dev: str, on: bool) -> None: ...
+        def set_allmulti(self, dev: str, on: bool) -> None: ...
+        def set_address(self, dev: str, mac: str) -> None: ...
 
 
 SIOCADDMULTI = 0x8931
@@ -480,5 +485,5 @@ class NetlinkKernel:
         self._request(f"set address {mac}", dev, nl.RTM_NEWLINK, body)
 
 
-__all__ = ["Kernel", "NetlinkKernel", "Link", "FdbEntry", "PortVlans", "DeviceGone", "KernelError",
+__all__ = ["NetlinkKernel", "Link", "FdbEntry", "PortVlans", "DeviceGone", "KernelError",
            "NotSupported"]

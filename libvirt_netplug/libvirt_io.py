@@ -18,7 +18,7 @@ from .rxfilter import RxFilter, parse_rx_filter_reply
 from .sync import Desired, gc_paused
 
 log = logging.getLogger(__name__)
-DEFAULT_URI = "qemu:///system"
+from .paths import DEFAULT_URI  # noqa: F401 - re-exported
 
 
 @functools.cache

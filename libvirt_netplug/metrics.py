@@ -10,7 +10,10 @@ Gauges describe the last run. Counters (``*_total``) accumulate across runs: a o
 replaces (a deleted file restarts them at zero, which Prometheus handles as a counter reset).
 ``netplug_last_success_timestamp_seconds`` is carried over the same way when a run fails.
 
-Metric names and labels are documented in docs/reconcile.md.
+Every metric is documented in docs/metrics.md (a test checks that). Names follow Prometheus'
+conventions: base units in the name (``_seconds``), ``_total`` only on counters, no gauge and
+counter sharing a family name (the per-run gauges are ``netplug_last_run_*``), an ``_info``
+gauge of value 1 for the build.
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ COUNTERS = ("runs", "failed_runs", "drift_found_operations", "repaired_operation
 
 
 @dataclass
+class Health:
+    """What keeps netplug from seeing all of its inputs (gauges of their own: a broken config
+    must be visible even when no run can start)."""
+
+    config_valid: bool = True
+    invalid_policies: int = 0  # networks and domains whose XML or policy could not be read
+    state_record_errors: int = 0  # domain records in the state dir that cannot be used
+
+
+@dataclass
 class RunMetrics:
     """What one resync run measured (the metrics file's gauges)."""
 
@@ -51,6 +64,7 @@ class RunMetrics:
     error_notes: int = 0  # managed interfaces in a state netplug cannot fix
     # (domain, interface, device, list) -> entries netplug keeps on that macvtap
     rx_entries: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+    health: Health = field(default_factory=Health)
 
 
 def run_metrics(report, *, source: str, success: bool | None = None, state=None,
@@ -125,17 +139,32 @@ def read_previous(path: str, source: str) -> dict[str, float]:
     return out
 
 
-class _Collector:
-    """A prometheus-client collector that yields one run's families."""
+def build_version() -> str:
+    from importlib import metadata
 
-    def __init__(self, m: RunMetrics, previous: dict[str, float]):
+    try:
+        return metadata.version("libvirt-netplug")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _Collector:
+    """A prometheus-client collector that yields one run's families (``m`` None: no run yet,
+    e.g. the agent just started; only counters carried over and what needs no run)."""
+
+    def __init__(self, m: RunMetrics | None, previous: dict[str, float], source: str,
+                 health: Health | None = None):
         self.m = m
         self.previous = previous
+        self.source = source
+        self.health = health if health is not None else (m.health if m else Health())
 
     def collect(self) -> Iterator:
+        import platform
+
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        m, src = self.m, self.m.source
+        m, src = self.m, self.source
 
         def gauge(name, doc, labels=(), samples=None, value=None):
             g = GaugeMetricFamily(PREFIX + name, doc, labels=["source", *labels])
@@ -146,47 +175,62 @@ class _Collector:
                     g.add_metric([src, *(key if isinstance(key, tuple) else (key,))], v)
             return g
 
-        yield gauge("managed_ports", "Guest tap ports netplug manages (promiscLinks='no'), "
-                                     "per bridge, in the last run.",
-                    ["bridge"], m.managed_ports)
-        yield gauge("managed_macvtaps", "Guest macvtaps whose RX filter netplug syncs, per "
-                                        "lower device, in the last run.",
-                    ["lower"], m.managed_macvtaps)
-        yield gauge("drift_operations", "Operations the last run found necessary (drift), by "
-                                        "action.",
-                    ["action"], {a: m.drift.get(a, 0) for a in sorted(set(ACTIONS) |
-                                                                       set(m.drift))})
-        yield gauge("repaired_operations", "Operations the last run applied, by action.",
-                    ["action"], {a: m.repaired.get(a, 0) for a in sorted(set(ACTIONS) |
-                                                                          set(m.repaired))})
-        yield gauge("apply_errors", "Operations that failed in the last run.",
-                    value=m.apply_errors)
-        yield gauge("error_notes", "Managed interfaces in a state netplug cannot repair in the "
-                                   "last run (e.g. the guest's MAC is a static entry on another "
-                                   "port).", value=m.error_notes)
-        yield gauge("rx_filter_entries", "Addresses netplug keeps programmed on a macvtap for "
-                                         "its guest, per interface and list.",
-                    ["domain", "interface", "device", "list"], m.rx_entries)
-        yield gauge("last_run_timestamp_seconds", "When the last run finished (Unix time).",
-                    value=m.timestamp)
-        yield gauge("last_run_success", "1 if the last run completed without errors.",
-                    value=1.0 if m.success else 0.0)
-        last_ok = m.timestamp if m.success else self.previous.get(
-            PREFIX + "last_success_timestamp_seconds")
+        yield gauge("build_info", "Always 1; the labels say which netplug wrote this file.",
+                    ["version", "python"], {(build_version(), platform.python_version()): 1})
+        h = self.health
+        yield gauge("config_valid", "1 if the config file is valid (or absent); 0: hooks and "
+                                    "agent manage nothing through it and reconcile refuses to "
+                                    "run.", value=1.0 if h.config_valid else 0.0)
+        yield gauge("invalid_policies", "Networks and domains whose XML or netplug policy "
+                                        "could not be read (left unmanaged).",
+                    value=h.invalid_policies)
+        yield gauge("state_record_errors", "Domain records in the state dir that cannot be "
+                                           "used (corrupt or wrong-shaped).",
+                    value=h.state_record_errors)
+        prev_success = self.previous.get(PREFIX + "last_success_timestamp_seconds")
+        if m is not None:
+            yield gauge("managed_ports", "Guest tap ports netplug manages (promiscLinks='no'), "
+                                         "per bridge, in the last run.",
+                        ["bridge"], m.managed_ports)
+            yield gauge("managed_macvtaps", "Guest macvtaps whose RX filter netplug syncs, "
+                                            "per lower device, in the last run.",
+                        ["lower"], m.managed_macvtaps)
+            yield gauge("last_run_drift_operations", "Operations the last run found necessary "
+                                                     "(drift), by action.",
+                        ["action"], {a: m.drift.get(a, 0)
+                                     for a in sorted(set(ACTIONS) | set(m.drift))})
+            yield gauge("last_run_repaired_operations", "Operations the last run applied, by "
+                                                        "action.",
+                        ["action"], {a: m.repaired.get(a, 0)
+                                     for a in sorted(set(ACTIONS) | set(m.repaired))})
+            yield gauge("last_run_apply_errors", "Operations that failed in the last run.",
+                        value=m.apply_errors)
+            yield gauge("last_run_unrepairable_interfaces",
+                        "Managed interfaces in a state netplug cannot repair in the last run "
+                        "(e.g. the guest's MAC is a static entry on another port).",
+                        value=m.error_notes)
+            yield gauge("rx_filter_entries", "Addresses netplug keeps programmed on a macvtap "
+                                             "for its guest, per interface and list.",
+                        ["domain", "interface", "device", "list"], m.rx_entries)
+            yield gauge("last_run_timestamp_seconds", "When the last run finished (Unix time).",
+                        value=m.timestamp)
+            yield gauge("last_run_success", "1 if the last run completed without errors.",
+                        value=1.0 if m.success else 0.0)
+            if m.duration is not None:
+                yield gauge("last_run_duration_seconds", "How long the last run took.",
+                            value=m.duration)
+        last_ok = m.timestamp if m is not None and m.success else prev_success
         if last_ok is not None:
             yield gauge("last_success_timestamp_seconds", "When a run last completed without "
                                                           "errors (Unix time).", value=last_ok)
-        if m.duration is not None:
-            yield gauge("run_duration_seconds", "How long the last run took.",
-                        value=m.duration)
-        increments = {"runs": 1, "failed_runs": 0 if m.success else 1,
-                      "drift_found_operations": sum(m.drift.values()),
-                      "repaired_operations": sum(m.repaired.values()),
-                      "apply_errors": m.apply_errors}
+        increments = dict.fromkeys(COUNTERS, 0)
         prev_run = self.previous.get(PREFIX + "last_run_timestamp_seconds")
-        if prev_run is not None and abs(prev_run - m.timestamp) < 1e-6:
-            # The same run written again (e.g. the agent rewriting its file): count it once.
-            increments = dict.fromkeys(increments, 0)
+        # The same run written again (e.g. the agent rewriting its file) counts once.
+        if m is not None and not (prev_run is not None and abs(prev_run - m.timestamp) < 1e-6):
+            increments = {"runs": 1, "failed_runs": 0 if m.success else 1,
+                          "drift_found_operations": sum(m.drift.values()),
+                          "repaired_operations": sum(m.repaired.values()),
+                          "apply_errors": m.apply_errors}
         docs = {"runs": "Runs since the metrics file was created.",
                 "failed_runs": "Runs that ended with an error.",
                 "drift_found_operations": "Operations found necessary (drift), all runs.",
@@ -199,11 +243,13 @@ class _Collector:
             yield c
 
 
-def registry_for(m: RunMetrics, previous: dict[str, float] | None = None):
+def registry_for(m: RunMetrics | None, previous: dict[str, float] | None = None, *,
+                 source: str | None = None, health: Health | None = None):
+    """A registry with the families of run ``m`` (None: no run yet, for ``source``)."""
     from prometheus_client import CollectorRegistry
 
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Collector(m, previous or {}))
+    reg.register(_Collector(m, previous or {}, source or (m.source if m else "agent"), health))
     return reg
 
 
@@ -222,12 +268,17 @@ def write_run_metrics(path: str, m: RunMetrics) -> None:
 
 
 def write_metrics(path: str, report, *, source: str = "agent", success: bool | None = None,
-                  state=None, now: float | None = None, duration: float | None = None) -> None:
+                  state=None, now: float | None = None, duration: float | None = None,
+                  health: Health | None = None) -> None:
     """Write the metrics of one resync (a sync.SyncReport, or None if the run failed early).
 
     ``source``: "reconcile" or "agent". ``success``: default, no operation failed. ``state``:
-    a StateDir, to count the RX-filter entries netplug keeps per macvtap. Raises NetplugError
-    (one line) if the file cannot be written.
+    a StateDir, to count the RX-filter entries netplug keeps per macvtap. ``health``: what
+    kept the run from its inputs. Raises NetplugError (one line) if the file cannot be
+    written.
     """
-    write_run_metrics(path, run_metrics(report, source=source, success=success, state=state,
-                                        now=now, duration=duration))
+    m = run_metrics(report, source=source, success=success, state=state, now=now,
+                    duration=duration)
+    if health is not None:
+        m.health = health
+    write_run_metrics(path, m)

@@ -151,101 +151,15 @@ class SetVlanFiltering(Operation):
                                "the bridge did not switch; no bridge VLAN filtering here")
 
 
-@dataclass(frozen=True)
-class AddMulticast(Operation):
-    mac: str
-    kind: ClassVar[str] = "multicast-add"
-
-    def what(self) -> str:
-        return f"add multicast {self.mac} to {self.device}"
-
-    def run(self, kernel: Kernel) -> None:
-        kernel.add_multicast(self.device, self.mac)
-
-    def inverse(self) -> Operation:
-        return DelMulticast(self.ctx, self.device, self.mac)
+# The macvtap RX-filter operations live in rxops.py: the hooks never use them, and each
+# frozen dataclass costs the hook's start to create. They are still importable from here.
+_RX_OPS = ("AddMulticast", "DelMulticast", "AddUnicast", "DelUnicast", "SetAllmulti",
+           "SetPromisc", "SetAddress")
 
 
-@dataclass(frozen=True)
-class DelMulticast(Operation):
-    mac: str
-    kind: ClassVar[str] = "multicast-delete"
+def __getattr__(name: str):
+    if name in _RX_OPS:
+        from . import rxops
 
-    def what(self) -> str:
-        return f"remove multicast {self.mac} from {self.device}"
-
-    def run(self, kernel: Kernel) -> None:
-        kernel.del_multicast(self.device, self.mac)
-
-
-@dataclass(frozen=True)
-class AddUnicast(Operation):
-    mac: str
-    kind: ClassVar[str] = "unicast-add"
-
-    def what(self) -> str:
-        return f"add unicast {self.mac} to {self.device} (lower device filter)"
-
-    def run(self, kernel: Kernel) -> None:
-        kernel.add_unicast(self.device, self.mac)
-
-    def inverse(self) -> Operation:
-        return DelUnicast(self.ctx, self.device, self.mac)
-
-
-@dataclass(frozen=True)
-class DelUnicast(Operation):
-    mac: str
-    kind: ClassVar[str] = "unicast-delete"
-
-    def what(self) -> str:
-        return f"remove unicast {self.mac} from {self.device}"
-
-    def run(self, kernel: Kernel) -> None:
-        kernel.del_unicast(self.device, self.mac)
-
-
-@dataclass(frozen=True)
-class SetAllmulti(Operation):
-    on: bool
-    kind: ClassVar[str] = "allmulti"
-
-    def what(self) -> str:
-        return f"set allmulticast {'on' if self.on else 'off'} on {self.device}"
-
-    def run(self, kernel: Kernel) -> None:
-        kernel.set_allmulti(self.device, self.on)
-
-    def inverse(self) -> Operation:
-        return SetAllmulti(self.ctx, self.device, not self.on)
-
-
-@dataclass(frozen=True)
-class SetPromisc(Operation):
-    on: bool
-    kind: ClassVar[str] = "promisc"
-
-    def what(self) -> str:
-        return f"set promisc {'on' if self.on else 'off'} on {self.device}"
-
-    def run(self, kernel: Kernel) -> None:
-        kernel.set_promisc(self.device, self.on)
-
-    def inverse(self) -> Operation:
-        return SetPromisc(self.ctx, self.device, not self.on)
-
-
-@dataclass(frozen=True)
-class SetAddress(Operation):
-    mac: str
-    prev_mac: str | None = None
-    kind: ClassVar[str] = "address"
-
-    def what(self) -> str:
-        return f"set address {self.mac} on {self.device}"
-
-    def run(self, kernel: Kernel) -> None:
-        kernel.set_address(self.device, self.mac)
-
-    def inverse(self) -> Operation | None:
-        return SetAddress(self.ctx, self.device, self.prev_mac) if self.prev_mac else None
+        return getattr(rxops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

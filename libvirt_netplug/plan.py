@@ -45,6 +45,10 @@ class PortIntent:
     # MACs the guest uses besides its own (its RX filter's unicast table, policy 'unicast'):
     # they get static entries on its tap too.
     extra_macs: tuple[str, ...] = ()
+    # Not managed, but its policy opted out explicitly (promiscLinks='yes') on a bridge
+    # netplug knows: the tap is recorded as this domain's all the same (nothing applied), so
+    # no other domain's XML can claim it.
+    claims: bool = False
 
     @property
     def tap(self) -> str | None:
@@ -137,6 +141,7 @@ class Plan:
     intents: tuple[PortIntent, ...] = ()
     cleaned: tuple[str, ...] = field(default=())  # taps whose records the plan retires
     skipped: tuple[str, ...] = field(default=())  # managed taps left alone (see notes)
+    claimed: tuple[str, ...] = field(default=())  # taps kept as the domain's, unmanaged
 
     def to_json(self) -> dict[str, Any]:
         return {"interfaces": [i.to_json() for i in self.intents],
@@ -201,9 +206,11 @@ def bridge_intents(domain: Domain, networks: Mapping[str, Network], config: Conf
                 reason = "interface has no <mac address>"
             elif iface.target is None:
                 reason = "interface has no <target dev> yet (the tap does not exist)"
+        claims = (bool(reason) and not hold and policy.promisc_links is True and
+                  iface.mac is not None and iface.target is not None)
         out.append(PortIntent(domain.name, iface, bridge, iface.source_network,
                               policy, managed=not reason, reason=reason or "managed",
-                              hold=hold))
+                              hold=hold, claims=claims))
     return out
 
 
@@ -374,6 +381,7 @@ def plan_ports(intents: Iterable[PortIntent], observed: Observed | None,
     notes: list[Note] = []
     wanted: set[str] = set()  # taps whose records stay
     skipped: list[str] = []
+    claimed: list[str] = []
     vlan_checked: set[str] = set()
     for it in sorted(intents, key=lambda i: (i.bridge or "", i.tap or "", i.interface.index)):
         if it.hold:
@@ -387,6 +395,15 @@ def plan_ports(intents: Iterable[PortIntent], observed: Observed | None,
                                       once_key=f"hold:{it.domain}:{it.tap}:{it.reason[:60]}"))
             continue
         if not it.managed:
+            if it.claims and observed is not None and it.tap and it.bridge:
+                link = observed.links.get(it.tap)
+                if _port_refusal(it, link, observed.links.get(it.bridge), observed) is None:
+                    # Ours, unmanaged: undo what netplug applied (if anything), keep the
+                    # record as the proof of ownership.
+                    claimed.append(it.tap)
+                    wanted.add(it.tap)
+                    if it.tap in records:
+                        ops += plan_cleanup({it.tap: records[it.tap]}, observed).ops
             if it.reason.startswith("interface has no <target dev>") and \
                     it.policy.manages_bridge_port:
                 notes.append(Note("warning", f"{it.ctx.describe()}: {it.reason}; not managed"))
@@ -456,7 +473,7 @@ def plan_ports(intents: Iterable[PortIntent], observed: Observed | None,
             stale += _stale_entry_ops(it, records[it.tap], observed)
     return Plan(tuple(bridge_ops + _by_device(ops + stale) + list(cleanup.ops)),
                 tuple(notes + list(cleanup.notes)), tuple(intents), cleanup.cleaned,
-                tuple(skipped))
+                tuple(skipped), tuple(claimed))
 
 
 def _by_device(ops: list[Operation]) -> list[Operation]:

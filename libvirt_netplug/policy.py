@@ -11,7 +11,6 @@ Sources, lowest precedence first (each later source overrides the fields it sets
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any, Mapping
@@ -209,6 +208,8 @@ def load_config(path: str | None = None) -> Config:
     if len(raw) > MAX_CONFIG_BYTES:
         raise PolicyError(f"config {path}: over {MAX_CONFIG_BYTES // 1024} KiB; a netplug "
                           f"config is a few tables of settings: check the file")
+    import tomllib  # only where there is a config file to read (~2 ms for every hook)
+
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -35,7 +35,7 @@ from .sync import Desired, RxSource, SyncReport, sync
 
 log = logging.getLogger(__name__)
 
-JSON_VERSION = 1
+from .cli import JSON_VERSION  # noqa: E402 - one format version for every command
 EXIT_IN_SYNC, EXIT_ERROR, EXIT_DRIFT = 0, 1, 2
 
 
@@ -50,21 +50,53 @@ class Inputs:
     desired: Desired
     rx_source: RxSource | None
     seconds: float = 0.0  # time spent reading libvirt (listing + every domain's live XML)
+    config_error: str | None = None  # the config is invalid (read-only commands go on without)
+
+
+def load_config_checked(config_path: str | None, lenient: bool):
+    """The config, and why it is invalid (``lenient``: an empty config then, as the hooks use;
+    otherwise the PolicyError is raised)."""
+    from .errors import PolicyError
+    from .policy import Config, load_config
+
+    try:
+        return load_config(config_path), None
+    except PolicyError as e:
+        if not lenient:
+            raise
+        return Config(), str(e)
 
 
 def read_inputs(uri: str, config_path: str | None, names: Iterable[str] | None = None, *,
-                guest_query: bool = True) -> Inputs:
-    """Connect to libvirt and read the desired state (raises NetplugError, one line)."""
-    from . import libvirt_io
-    from .policy import load_config
+                guest_query: bool = True, lenient_config: bool = False) -> Inputs:
+    """Connect to libvirt and read the desired state (raises NetplugError, one line).
 
-    config = load_config(config_path)
+    ``lenient_config``: an invalid config does not stop the run (status, doctor): it is read
+    as the hooks read it (empty: nothing managed through it) and reported in ``config_error``.
+    """
+    from . import libvirt_io
+
+    config, config_error = load_config_checked(config_path, lenient_config)
     t0 = time.monotonic()
     conn = libvirt_io.connect(uri)
     desired = libvirt_io.read_desired(conn, config, names)
     seconds = time.monotonic() - t0
     rx_source = libvirt_io.rx_source_for(conn) if guest_query else None
-    return Inputs(uri, desired, rx_source, seconds)
+    return Inputs(uri, desired, rx_source, seconds, config_error)
+
+
+def command_paths(args: argparse.Namespace, *, warn: bool = False):
+    """The config and state dir this command uses: the same as the installed hooks' unless
+    told otherwise (paths.resolve). ``warn``: say on stderr where they differ from the hooks'
+    (a command that writes would work against them)."""
+    from .paths import resolve
+
+    paths = resolve(getattr(args, "config", None), getattr(args, "state_dir", None),
+                    hooks_dir=getattr(args, "hooks_dir", None))
+    if warn:
+        for m in paths.mismatches():
+            log.warning("%s: hooks and this command disagree about what netplug manages", m)
+    return paths
 
 
 def _new_kernel():
@@ -110,8 +142,11 @@ def explain(op: Operation, running: bool, observed: Observed | None) -> str:
             return (f"{op.mac} is a {e.state} entry on port {e.port}, not on the guest's tap "
                     f"{op.device}")
         if entries:
-            vlans = ", ".join(str(e.vlan) for e in entries)
-            return f"{op.mac} has entries only on VLAN {vlans}; VLAN {op.vlan} is needed"
+            def vid(v: int | None) -> str:
+                return "no VLAN" if v is None else f"VLAN {v}"
+
+            have = ", ".join(vid(e.vlan) for e in entries)
+            return f"{op.mac} has entries only on {have}; {vid(op.vlan)} is needed"
         return f"no FDB entry for the guest's MAC on {op.device}"
     if isinstance(op, SetPortFlags):
         if not running:
@@ -304,15 +339,11 @@ def reconcile(kernel, state: StateDir, desired: Desired, *, rx_source: RxSource 
 
 
 def add_common_arguments(sp: argparse.ArgumentParser, *, guest_query: bool = True) -> None:
-    from .libvirt_io import DEFAULT_URI
+    from .paths import DEFAULT_URI, add_path_arguments
 
     sp.add_argument("--connect", "-c", metavar="URI", default=DEFAULT_URI,
                     help=f"libvirt URI (default: {DEFAULT_URI})")
-    sp.add_argument("--config", metavar="FILE",
-                    help="netplug config (default: $NETPLUG_CONFIG or "
-                         "/etc/libvirt-netplug/config.toml)")
-    sp.add_argument("--state-dir", metavar="DIR",
-                    help="state dir (default: $NETPLUG_STATE_DIR or /run/libvirt-netplug)")
+    add_path_arguments(sp)
     sp.add_argument("--json", action="store_true", help="print a JSON document "
                                                         "(docs/reconcile.md)")
     if guest_query:
@@ -359,12 +390,25 @@ def setup_logging(component: str, verbose: bool) -> None:
 def run(args: argparse.Namespace, out: TextIO, *,
         kernel_factory: Callable[[], Any] | None = None) -> int:
     """The command behind ``netplug reconcile`` (``kernel_factory`` replaces NetlinkKernel)."""
+    from .errors import PolicyError
+    from .metrics import Health
+    from .statefile import record_errors
+
     t0 = time.monotonic()
-    state = StateDir(args.state_dir)
+    paths = command_paths(args, warn=True)
+    state = StateDir(paths.state_dir.value)
     metrics_file = getattr(args, "metrics_file", None)
+    health = Health()
     try:
-        inputs = read_inputs(args.connect, args.config, args.domains,
-                             guest_query=args.guest_query)
+        try:
+            inputs = read_inputs(args.connect, paths.config.value, args.domains,
+                                 guest_query=args.guest_query)
+        except PolicyError as e:
+            # Repairing with the config read as empty would undo what it manages.
+            health.config_valid = False
+            raise NetplugError(f"{e}; reconcile does not run with an invalid config: fix it "
+                               f"(netplug check-config checks it)") from None
+        health.invalid_policies = len(inputs.desired.errors)
         t1 = time.monotonic()
         with (kernel_factory or _new_kernel)() as kernel:
             outcome = reconcile(kernel, state, inputs.desired, rx_source=inputs.rx_source,
@@ -372,10 +416,11 @@ def run(args: argparse.Namespace, out: TextIO, *,
     except NetplugError:
         if metrics_file:
             try:
-                _write_metrics(metrics_file, None, state)
+                _write_metrics(metrics_file, None, state, health)
             except NetplugError as e:  # the run's own error is the one to report
                 log.warning("%s", e)
         raise
+    health.state_record_errors = len(record_errors(state))
     outcome.uri = inputs.uri
     outcome.timings["libvirt_read"] = inputs.seconds
     outcome.timings["kernel_and_apply"] = time.monotonic() - t1
@@ -387,19 +432,20 @@ def run(args: argparse.Namespace, out: TextIO, *,
         for line in outcome.lines():
             out.write(line + "\n")
     if metrics_file:
-        _write_metrics(metrics_file, outcome, state)
+        _write_metrics(metrics_file, outcome, state, health)
     return outcome.exit_status
 
 
-def _write_metrics(path: str, outcome: Outcome | None, state: StateDir) -> None:
+def _write_metrics(path: str, outcome: Outcome | None, state: StateDir, health=None) -> None:
     from . import metrics
 
     if outcome is None:
-        metrics.write_metrics(path, None, source="reconcile", success=False, state=state)
+        metrics.write_metrics(path, None, source="reconcile", success=False, state=state,
+                              health=health)
         return
     metrics.write_metrics(path, outcome.report, source="reconcile",
                           success=outcome.exit_status != EXIT_ERROR, state=state,
-                          duration=outcome.timings.get("total"))
+                          duration=outcome.timings.get("total"), health=health)
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:

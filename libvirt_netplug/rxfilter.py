@@ -171,21 +171,29 @@ def macvtap_intents(domain: Domain, networks: Mapping[str, Network],
                     config: Config) -> list[MacvtapIntent]:
     out = []
     for iface in domain.interfaces:
-        net = networks.get(iface.source_network or "") if iface.type == "network" else None
-        # type='direct', or a network whose forward mode puts guests on macvtaps (known from
-        # the network, or from the live XML's <source dev> without a bridge).
+        # libvirt's live XML shows a guest on a macvtap network (forward mode bridge, private,
+        # vepa, passthrough) as <interface type='direct'> with <source network=… dev=… mode=…>
+        # (captured: xml-samples/captured/*-qemu-started-*.xml, net4): the network's policy
+        # applies whatever the type says. The inactive XML (and `netplug plan` input) still
+        # says type='network'.
+        net = networks.get(iface.source_network) if iface.source_network else None
         on_macvtap = iface.type == "direct" or iface.type == "network" and (
             net is not None and net.uses_macvtap or
             iface.source_bridge is None and iface.source_dev)
         if not on_macvtap:
             continue
         lower = iface.source_dev
+        if lower is None and net is not None and len(net.forward_devs) == 1:
+            lower = net.forward_devs[0]  # inactive XML: the network's one forward device
         policy = config.direct_policy(lower)
         reason = ""
         if net is not None:
             if net.policy_error:
                 reason = f"invalid policy: {net.policy_error}"
             policy = net.policy.over(policy)
+        elif iface.source_network and not policy.rx:
+            reason = (f"network {iface.source_network} is not active (or not known to "
+                      f"netplug): its policy is unknown")
         policy = iface_policy(domain, iface, policy)
         if not reason:
             if not policy.rx:
@@ -198,8 +206,8 @@ def macvtap_intents(domain: Domain, networks: Mapping[str, Network],
             elif iface.alias is None:
                 reason = "interface has no <alias> (needed to query QEMU's RX filter)"
         out.append(MacvtapIntent(domain.name, iface, lower, iface.source_mode,
-                                 iface.source_network if iface.type == "network" else None,
-                                 policy, managed=not reason, reason=reason or "managed"))
+                                 iface.source_network, policy, managed=not reason,
+                                 reason=reason or "managed"))
     return out
 
 

@@ -13,11 +13,10 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TYPE_CHECKING
 
 from .apply import apply, observe, observe_all, record_ports, records_ahead
 from .errors import DeviceGone, NetplugError
-from .kernel import Kernel
 from .model import Domain, Network
 from .ops import Operation
 from .plan import (Note, Observed, PortIntent, bridge_intents, plan_cleanup, plan_ports,
@@ -26,6 +25,9 @@ from .policy import Config
 from .rxfilter import (MacvtapIntent, RxFilter, desired_from_record, macvtap_intents, plan_rx,
                        plan_rx_cleanup, rx_intent_notes)
 from .state import StateDir
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
 
 log = logging.getLogger(__name__)
 

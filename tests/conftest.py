@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,12 +61,63 @@ def lab_unavailable() -> str | None:
     return None
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip (and say why); under `make test` and CI, which set NETPLUG_REQUIRE_ALL=1, fail
+    instead, so a green run means the tests really ran."""
+    if os.environ.get("NETPLUG_REQUIRE_ALL") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def lab_required() -> None:
-    """Skip (and say why) where the lab cannot run; under `make test` and CI, which set
-    NETPLUG_REQUIRE_ALL=1, fail instead, so a green run means the e2e tests really ran."""
+    """Skip (and say why) where the lab cannot run (fail under NETPLUG_REQUIRE_ALL=1)."""
     reason = lab_unavailable()
     if reason:
-        if os.environ.get("NETPLUG_REQUIRE_ALL") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(reason)
+
+
+def _lab_releases():
+    if str(REPO) not in sys.path:  # `pytest` (not `python -m pytest`) lacks the repo root
+        sys.path.insert(0, str(REPO))
+    from tests.lab.release import releases
+
+    return releases()
+
+
+def pytest_generate_tests(metafunc):
+    """Every e2e test that uses `lab_release` runs once per libvirt release (host's and the
+    other Debian release's; NETPLUG_LAB_RELEASES narrows): its id says which, e.g.
+    test_x[libvirt11]."""
+    if "lab_release" in metafunc.fixturenames:
+        rels = _lab_releases()
+        metafunc.parametrize("lab_release", rels, ids=[r.name for r in rels], indirect=True,
+                             scope="module")
+
+
+_RELEASES_USED: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def lab_release(request, lab_required):
+    """The libvirt release (tests.lab.release.Release) this module's labs run; builds the other
+    release's cached root on first use (about a minute). Skips, or fails under
+    NETPLUG_REQUIRE_ALL=1, where the release cannot run (e.g. mmdebstrap missing)."""
+    from tests.lab.release import ReleaseUnavailable, ensure_root
+
+    rel = request.param
+    reason = rel.unavailable()
+    if reason:
+        skip_or_fail(reason)
+    if not rel.is_host:
+        try:
+            ensure_root(rel)
+        except ReleaseUnavailable as e:
+            skip_or_fail(str(e))
+    _RELEASES_USED.setdefault(rel.name, rel.describe())
+    return rel
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _RELEASES_USED.values():
+        terminalreporter.write_line(f"e2e release {line}")

@@ -50,6 +50,7 @@ class AgentProc:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        (self.tmp / "no-config.toml").write_text("")  # an explicit --config must exist
         with open(self.logfile, "ab") as log:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.lab.name, *netplug_cli(), "agent", "--connect",
@@ -93,9 +94,9 @@ def metadata() -> str:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory, lab_required):
+def rig(tmp_path_factory, lab_release):
     tmp = tmp_path_factory.mktemp("agent-e2e")
-    lab = Lab()  # a fresh random name: never collides with another run's lab
+    lab = Lab(release=lab_release)  # a fresh random name: no clash with another run
     lab.start()
     agent = AgentProc(lab, tmp)
     try:

@@ -1,10 +1,12 @@
-"""netplug's hooks under a real libvirtd, QEMU and Linux guest (issue 3).
+"""netplug's hooks under a real libvirtd, QEMU and Linux guest (issue 3), on each libvirt
+release (the host's and the other Debian release's: test ids [libvirt9], [libvirt11]).
 
 One lab for the module: a libvirt network defined with `virsh net-define` carrying
 promiscLinks='no' in its metadata (bridge nbr0), a host bridge br0 listed in the config, an
 unmanaged host bridge ubr0, each with a veth uplink whose far end is the "test host". Guests
 boot with TCG, so the tests share boots where they can; each test still states and checks its
-own outcome through iproute2's JSON (never netplug's own view).
+own outcome through iproute2's JSON (never netplug's own view). vm1 uses a machine type both
+QEMU releases have, so it can migrate live between the releases.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from conftest import skip_or_fail  # noqa: E402
 from tests.lab import Lab  # noqa: E402
+from tests.lab.lab import MIGRATION_MACHINE  # noqa: E402
+from tests.lab.release import releases  # noqa: E402
 from tests.lab.netplug import frames_reaching, install_netplug, port_table  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -37,15 +42,15 @@ UNKNOWN = "02:de:ad:be:ef:01"
 
 
 @pytest.fixture(scope="module")
-def world(lab_required):
-    with Lab() as lab:
+def world(lab_release):
+    with Lab(release=lab_release) as lab:
         for br in ("br0", "ubr0"):
             lab.add_host_bridge(br)
         np = install_netplug(lab, CONFIG)
         lab.define_network(NETWORK)
         uplinks = {br: lab.add_uplink(br) for br in ("nbr0", "br0", "ubr0")}
         guest = lab.start_guest("vm1", ["network:mgd", "bridge:br0", "bridge:ubr0"],
-                                timeout=180)
+                                timeout=180, machine=MIGRATION_MACHINE)
         yield {"lab": lab, "np": np, "guest": guest, "uplinks": uplinks}
 
 
@@ -176,11 +181,15 @@ class TestSaveRestoreMigrate:
 
 
 class TestLiveMigration:
-    def test_live_migration_destination_managed_source_clean(self, world):
-        """A real live migration to a second lab with netplug installed, and back."""
+    @pytest.mark.parametrize("peer", releases(), ids=lambda r: f"to-{r.name}")
+    def test_live_migration_destination_managed_source_clean(self, world, peer):
+        """A real live migration to a second lab (of the same or the other libvirt release)
+        with netplug installed, and back."""
+        if peer.unavailable():
+            skip_or_fail(peer.unavailable())
         lab, np = world["lab"], world["np"]
         macs = {br: mac for br, (_t, mac) in _taps(lab.guest("vm1")).items()}
-        with Lab() as b:
+        with Lab(release=peer) as b:
             for br in ("br0", "ubr0"):
                 b.add_host_bridge(br)
             np_b = install_netplug(b, CONFIG)

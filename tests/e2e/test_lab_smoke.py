@@ -1,8 +1,10 @@
-"""The lab itself works: private libvirtd, a real guest, a console command, clean teardown."""
+"""The lab itself works, on each libvirt release: private libvirtd, a real guest, a console
+command, netplug's default paths private to the lab, clean teardown."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,15 +16,16 @@ if str(REPO) not in sys.path:  # `pytest` (not `python -m pytest`) does not add 
     sys.path.insert(0, str(REPO))
 
 from tests.lab import Lab  # noqa: E402
+from tests.lab.__main__ import private_paths  # noqa: E402
 from tests.lab.lab import NETNS_DIR, _alive, _pids_in_netns, _proc_starttime  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
 
 
-def test_lab_guest_joins_multicast_group_and_teardown_leaves_nothing(lab_required):
+def test_lab_guest_joins_multicast_group_and_teardown_leaves_nothing(lab_release):
     t0 = time.monotonic()
-    lab = Lab()
+    lab = Lab(release=lab_release)
     with lab:
         t_up = time.monotonic()
         lab.add_host_bridge("br0")
@@ -36,6 +39,21 @@ def test_lab_guest_joins_multicast_group_and_teardown_leaves_nothing(lab_require
         assert lab.run("ip", "-o", "link", "show", tap).stdout.count("master br0") == 1
         assert not Path(f"/sys/class/net/{tap}").exists() or \
             Path(f"/sys/class/net/{tap}/address").read_text().strip() != "fe" + mac[2:]
+
+        # The libvirtd that answers is the release this test is for.
+        assert f"Running against daemon: {lab_release.versions()['libvirt']}" in \
+            lab.daemon_version()
+
+        # `python -m tests.lab shell`: netplug's default paths there are the lab's own.
+        r = subprocess.run(lab.shell_argv()[:-1] + [
+            "sh", "-c", "mkdir -p /run/libvirt-netplug/smoke && echo x > "
+            "/etc/libvirt-netplug/smoke"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert lab.host_path("/run/libvirt-netplug/smoke").is_dir()
+        assert lab.host_path("/etc/libvirt-netplug/smoke").read_text() == "x\n"
+        assert not Path("/run/libvirt-netplug/smoke").exists()
+        assert not Path("/etc/libvirt-netplug/smoke").exists()
+        assert str(lab.dir) in private_paths(lab)
 
         guest.check("ip maddr add 33:33:00:00:12:34 dev eth0")
         out = guest.check("ip maddr show dev eth0")

@@ -66,8 +66,8 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory, lab_required):
-    lab = Lab()  # a fresh random name: two runs never share a lab
+def rig(tmp_path_factory, lab_release):
+    lab = Lab(release=lab_release)  # a fresh random name: two runs never share a lab
     lab.start()
     try:
         lab.add_host_bridge("br0")

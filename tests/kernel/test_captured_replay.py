@@ -1,8 +1,9 @@
-"""Replay the hook calls captured from a real libvirtd (xml-samples/captured/) through the
+"""Replay the hook calls captured from a real libvirtd (xml-samples/captured/ from libvirt
+9.0, xml-samples/captured-libvirt11/ from libvirt 11.3) through the
 hook entry point (hook.main, with the installed shim's config and state dir), against a kernel
 that does what libvirt and QEMU did around them.
 
-For each libvirtd ("lab") in the capture, in its own namespace and state dir, every captured
+For each capture and each libvirtd ("lab") in it, in its own namespace and state dir, every captured
 event runs twice, in the captured order, with the captured argv and stdin. Around the events
 the test plays libvirt's part: the bridges exist, a `qemu start` finds its domain's taps
 created and enslaved, QEMU's exit (before `stopped`) deletes them, a network's `stopped`
@@ -28,7 +29,7 @@ import oracle
 from conftest import SAMPLES
 from netns import NetNS
 
-CAPTURED = SAMPLES / "captured"
+CAPTURES = sorted(p for p in SAMPLES.glob("captured*") if (p / "index.json").exists())
 NS = "urn:x-libvirt-netplug:1"
 CONFIG = '[bridge.br0]\npromiscLinks = "no"\n'  # the capture's host bridge br0 is managed here
 CONFIG_MANAGED = {"br0"}
@@ -37,14 +38,14 @@ CONFIG_MANAGED = {"br0"}
 # is libvirt's real XML and order of events.
 
 
-def samples() -> list[dict]:
+def samples(captured: Path) -> list[dict]:
     try:
-        index = json.loads((CAPTURED / "index.json").read_text())
+        index = json.loads((captured / "index.json").read_text())
     except (OSError, ValueError):
         return []
     out = []
     for s in index.get("samples", []):
-        path = CAPTURED / s["file"]
+        path = captured / s["file"]
         argv = s.get("argv") or []
         if path.exists() and len(argv) >= 4:
             out.append({"path": path, "lab": s.get("lab", ""), "kind": argv[0].split("/")[-2]
@@ -52,8 +53,9 @@ def samples() -> list[dict]:
     return out
 
 
-def labs() -> list[str]:
-    return sorted({s["lab"] for s in samples()})
+def labs() -> list[tuple[Path, str]]:
+    """(capture dir, lab) of every libvirtd in every capture."""
+    return [(c, lab) for c in CAPTURES for lab in sorted({s["lab"] for s in samples(c)})]
 
 
 # -- an independent reading of the captured XML (stdlib only) ---------------------------------
@@ -154,10 +156,11 @@ class Libvirt:
             self.ns.del_link(f"u-{bridge}"[:15])
 
 
-@pytest.mark.skipif(not samples(), reason="no captured samples (xml-samples/captured/)")
-@pytest.mark.parametrize("lab", labs() or ["none"])
-def test_replay_captured_events(lab, ns, hooks):
-    events = [s for s in samples() if s["lab"] == lab]
+@pytest.mark.skipif(not labs(), reason="no captured samples (xml-samples/captured*/)")
+@pytest.mark.parametrize("captured,lab", labs() or [(None, "none")],
+                         ids=[f"{c.name}-{lab}" for c, lab in labs()] or ["none"])
+def test_replay_captured_events(captured, lab, ns, hooks):
+    events = [s for s in samples(captured) if s["lab"] == lab]
     bridges, own = set(CONFIG_MANAGED), set()
     for s in events:
         data = s["path"].read_bytes()

@@ -3,8 +3,9 @@ which also gives it the namespace's own sysfs).
 
 Proves, on this machine's kernel (no CONFIG_BRIDGE_VLAN_FILTERING): doctor says plainly that
 the kernel lacks VLAN filtering so the uplink stays promiscuous although flooding to guests is
-off; the promiscuity and unicast filter it reports are the oracle's; ports that still learn or
-flood are named with their owner; doctor changes nothing.
+off, and names every other reason (a veth uplink cannot filter unicast; a guest port that
+still floods) with what to do; the promiscuity and unicast filter it reports are the oracle's;
+ports that still learn or flood are named with their owner; doctor changes nothing.
 """
 
 from __future__ import annotations
@@ -83,8 +84,17 @@ def test_doctor_explains_the_uplink_on_this_kernel(ns, setup):
             "this kernel lacks bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING is not set: "
             "sysfs has no bridge/vlan_filtering knob), so the uplink up0 stays promiscuous even "
             "though flooding to guests is off")
-        assert findings["goal"]["message"].endswith(
-            "stays promiscuous because the kernel lacks VLAN filtering")
+        assert "stays promiscuous because the kernel lacks VLAN filtering" in \
+            findings["goal"]["message"]
+    # Every other reason is named too, with its owner and what to do: a veth cannot filter
+    # unicast (its kind), and a guest port that still floods keeps a second auto port.
+    assert findings["uplink-driver"]["message"].startswith(
+        "up0 is a veth, whose driver cannot filter unicast (no IFF_UNICAST_FLT)")
+    assert links["up0"]["linkinfo"]["info_kind"] == "veth"
+    assert "tapx (domain vm1 interface ua-net2)" in findings["auto-ports"]["message"]
+    assert "up0's driver cannot filter unicast" in findings["goal"]["message"]
+    for f in br["findings"]:
+        assert f["level"] in ("ok", "info") or f["advice"], f
     assert links["up0"]["promiscuity"] >= 1
     flooding = [f for f in br["findings"] if f["check"] == "guest-ports"
                 and f["level"] == "warning"]

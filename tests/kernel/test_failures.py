@@ -16,6 +16,7 @@ import time
 
 import oracle
 from fakes import bridge_iface, domain_xml, guest_mac, tap_mac
+from polling import assert_no_hang
 
 from .topo import CONFIG, HostWorld
 
@@ -50,7 +51,7 @@ def test_tap_missing_at_start_is_one_clear_error(ns, hooks):
     assert len(r.errors) == 1, r
     assert "domain vm1" in r.errors[0] and "interface net1" in r.errors[0] and \
         "vnet1" in r.errors[0], r
-    assert r.elapsed < 10.0, r  # a hang bound only; speed is bench/'s
+    assert_no_hang(r.elapsed)
     assert state_of(ns, "vnet0", A) == MANAGED(A)
     assert state_of(ns, "vnet2", C) == MANAGED(C)
     assert sorted(hooks.domain_record("vm1")["ports"]) == ["vnet0", "vnet2"]
@@ -133,7 +134,7 @@ def test_tap_deleted_before_its_fdb_write(ns, hooks):
     assert rc == 0 and "Traceback" not in err, err
     assert len(errors) == 1 and "domain vm1" in errors[0] and "interface net1" in errors[0] \
         and "No such device" in errors[0], err
-    assert elapsed < 10.0  # a hang bound only
+    assert_no_hang(elapsed)
     assert not oracle.exists(ns.name, "vnet1")
     assert state_of(ns, "vnet0", A) == MANAGED(A)
     assert state_of(ns, "vnet2", C) == MANAGED(C)
@@ -144,7 +145,8 @@ def test_tap_deleted_between_its_fdb_and_flag_writes(ns, hooks):
     three_taps(ns)
     rc, err, elapsed = _run_inprocess(ns, hooks, _kernel_deleting("vnet1", "set_port_flags"))
     errors = [ln for ln in err.splitlines() if ": ERROR: " in ln]
-    assert rc == 0 and "Traceback" not in err and elapsed < 10.0, err
+    assert rc == 0 and "Traceback" not in err, err
+    assert_no_hang(elapsed)
     assert len(errors) == 1 and "interface net1" in errors[0], err
     assert oracle.where_is(ns.name, B) == []  # the entry went with the tap
     assert state_of(ns, "vnet0", A) == MANAGED(A)

@@ -225,15 +225,39 @@ def test_a_hook_killed_after_any_kernel_request_leaves_nothing_stop_cannot_undo(
     assert k > 4
 
 
-def _start_with_failing_writes(argv, data, config, state_dir, err):
-    """hook.main with every state write failing (ENOSPC, EROFS): in a forked child."""
+def _start_on_a_state_dir_that_fails(argv, data, config, state_dir, err):
+    """hook.main in a forked child whose state dir really is full (ENOSPC: a 64 KiB tmpfs,
+    filled) or read-only (EROFS: a read-only bind mount), in a mount namespace of its own."""
+    import ctypes
     import errno as errno_mod
     from libvirt_netplug import hook
 
-    def fail(*_a, **_kw):
-        raise OSError(getattr(errno_mod, err), os.strerror(getattr(errno_mod, err)))
+    libc = ctypes.CDLL(None, use_errno=True)
 
-    os.replace = fail
+    def check(rc, what):
+        if rc != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"{what}: {os.strerror(e)}")
+
+    CLONE_NEWNS, MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+        0x00020000, 1, 32, 4096, 16384, 1 << 18)
+    check(libc.unshare(CLONE_NEWNS), "unshare")
+    check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+    os.makedirs(state_dir, mode=0o755, exist_ok=True)
+    sd = state_dir.encode()
+    if err == "ENOSPC":
+        check(libc.mount(b"tmpfs", sd, b"tmpfs", 0, b"size=64k,mode=0755"), "mount tmpfs")
+        fd = os.open(os.path.join(state_dir, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno_mod.ENOSPC, e
+        finally:
+            os.close(fd)
+    else:
+        check(libc.mount(sd, sd, None, MS_BIND, None), "bind")
+        check(libc.mount(None, sd, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None), "remount ro")
     stderr = io.StringIO()
     rc = hook.main(argv, io.BytesIO(data), stderr, kind="qemu", config=config,
                    state_dir=state_dir)
@@ -242,12 +266,14 @@ def _start_with_failing_writes(argv, data, config, state_dir, err):
 
 @pytest.mark.parametrize("err", ["ENOSPC", "EROFS"])
 def test_state_dir_that_cannot_be_written_means_nothing_is_applied(ns, hooks, err):
+    """Write-ahead: a record that cannot be written means no kernel change it would name."""
     world = HostWorld(ns, ntaps=2).build()
     hooks.write_config(CONFIG)
     pristine = oracle.snapshot(ns.name)
-    rc, stderr = ns.call(_start_with_failing_writes, hooks.argv("qemu", "vm1", "start"),
+    rc, stderr = ns.call(_start_on_a_state_dir_that_fails, hooks.argv("qemu", "vm1", "start"),
                          world.xml().encode(), hooks.config, hooks.state_dir, err)
-    assert rc == 0 and "cannot write" in stderr, stderr
+    want = "No space left on device" if err == "ENOSPC" else "Read-only file system"
+    assert rc == 0 and want in stderr and "Traceback" not in stderr, stderr
     assert oracle.diff(pristine, oracle.snapshot(ns.name)) == []
 
 

@@ -1,10 +1,12 @@
 """python -m tests.lab COMMAND — manage netplug labs by hand (progress on stderr).
 
     build                         build (or verify) the cached guest kernel + initramfs
-    up [--name N] [--bridge BR]... [--lower DEV]... [--guest VM=NIC+NIC...]
+    up [--name N] [--release R] [--bridge BR]... [--lower DEV]... [--guest VM=NIC+NIC...]
                                   start a lab that outlives this command; prints how to use it
+                                  (R: libvirt9, libvirt11, host, other; default the host's)
     list                          labs on this host (stale = owner process gone)
-    shell NAME [CMD...]           a shell (or CMD) inside the lab's namespaces
+    shell NAME [CMD...]           a shell (or CMD) inside the lab's namespaces; netplug's
+                                  default paths there are the lab's own (printed on entry)
     guest NAME VM CMD             run CMD in guest VM over its serial console
     down NAME... | --all          tear labs down
     cleanup [--all]               remove stale labs (--all: every lab)
@@ -37,8 +39,18 @@ def cmd_build(_args) -> int:
     return 0
 
 
+def private_paths(lab: Lab) -> str:
+    """What a netplug command typed inside the lab uses: every path is the lab's own."""
+    rows = [("libvirt", "qemu:///system", lab.dir / "run/libvirt/libvirt-sock"),
+            ("hooks", "/etc/libvirt/hooks", lab.hooks_dir),
+            ("config", "/etc/libvirt-netplug/config.toml",
+             lab.host_path("/etc/libvirt-netplug/config.toml")),
+            ("state", "/run/libvirt-netplug", lab.host_path("/run/libvirt-netplug"))]
+    return "\n".join(f"  {what:8}{inside:36}(host: {host})" for what, inside, host in rows)
+
+
 def cmd_up(args) -> int:
-    lab = Lab(args.name)
+    lab = Lab(args.name, release=args.release)
     lab.start()
     try:
         for br in args.bridge:
@@ -57,11 +69,14 @@ def cmd_up(args) -> int:
         raise
     lab.detach()
     short = lab.name.removeprefix(PREFIX)
-    print(f"lab       {lab.name}\ndir       {lab.dir}\nhooks     {lab.hooks_dir}\n"
+    print(f"lab       {lab.name}\nrelease   {lab.release.describe()}\n"
+          f"dir       {lab.dir}\nhooks     {lab.hooks_dir}\n"
           f"libvirtd  log {lab.libvirtd_log_path}\n"
           f"host URI  export LIBVIRT_DEFAULT_URI='{lab.host_uri}'\n"
           f"shell     python -m tests.lab shell {short}\n"
-          f"down      python -m tests.lab down {short}")
+          f"down      python -m tests.lab down {short}\n"
+          f"inside the lab (lab-private; the host's /etc/libvirt-netplug and "
+          f"/run/libvirt-netplug are not visible there):\n{private_paths(lab)}")
     return 0
 
 
@@ -77,6 +92,9 @@ def cmd_list(_args) -> int:
 def cmd_shell(args) -> int:
     lab = Lab.attach(_lab_name(args.name))
     argv = lab.shell_argv() if not args.cmd else lab.shell_argv()[:-1] + args.cmd
+    if not args.cmd:
+        print(f"lab: {lab.name} ({lab.release.name}); netplug commands here use the lab's own "
+              f"paths, never the host's:\n{private_paths(lab)}", file=sys.stderr)
     os.execvp(argv[0], argv)
     return 127  # not reached
 
@@ -113,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("build").set_defaults(func=cmd_build)
     p = sub.add_parser("up")
     p.add_argument("--name")
+    p.add_argument("--release", help="libvirt9, libvirt11, host (default) or other")
     p.add_argument("--bridge", action="append", default=[])
     p.add_argument("--lower", action="append", default=[])
     p.add_argument("--guest", action="append", default=[], metavar="VM=NIC+NIC")

@@ -9,7 +9,10 @@ namespaces; nothing on the host is touched): a network defined with `virsh net-d
 carrying promiscLinks='no', a guest started first without netplug's hooks and then with them,
 and real traffic from a test host on the bridge's uplink.
 
-Run as root: python -m tests.lab.demo [--part 1|2]
+Part 3 (tests/vlankernel/demo.py) boots Debian's own kernel under QEMU to show the bridge's
+uplink leaving promiscuous mode, which needs bridge VLAN filtering (the host's kernel has none).
+
+Run as root: python -m tests.lab.demo [--part 1|2|3]
 """
 
 from __future__ import annotations
@@ -221,7 +224,7 @@ def part2() -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("1", "2"), help="run only this part")
+    ap.add_argument("--part", choices=("1", "2", "3"), help="run only this part")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("demo: needs root (it creates network namespaces, bridges and taps)",
@@ -232,6 +235,9 @@ def main() -> int:
         ok &= part1()
     if args.part in (None, "2"):
         ok &= part2()
+    if args.part in (None, "3"):  # the uplink leaving promiscuous mode: tests/vlankernel/demo.py
+        from tests.vlankernel.demo import part3
+        ok &= part3(progress)
     progress(f"done: {'everything as expected' if ok else 'SOMETHING UNEXPECTED, see above'}")
     return 0 if ok else 1
 

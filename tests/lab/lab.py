@@ -20,6 +20,29 @@ Teardown
     directory. It also runs from atexit and on SIGTERM/SIGHUP. Labs whose owner process died
     (a crashed or killed run) are removed by the next ``start()`` (or ``cleanup_stale()``).
 
+    The lab's mount namespace also binds lab-private directories over netplug's default paths
+    ``/etc/libvirt-netplug`` and ``/run/libvirt-netplug``, so a netplug command typed in
+    ``python -m tests.lab shell`` never reads the host's config or writes the host's state.
+
+Releases (release.py)
+    A lab runs the host's own libvirtd/virtlogd/QEMU, or those of the other Debian release
+    (``Lab(release="libvirt11")`` on a Debian 12 host, ``"libvirt9"`` on a Debian 13 host). For
+    the other release the holder also mounts an overlay of the cached release root at
+    ``<lab dir>/root`` (a mount point of its own, as QEMU's namespace code requires), binds the
+    same lab directories into it at the same paths, plus /dev, /sys (the lab netns's), a new
+    /proc, the lab root dir (so migration URIs and the lab's files have the same paths inside)
+    and the lab cache (the guest image), and starts virtlogd and libvirtd chrooted into it.
+    Everything else (``lab.run``, virsh, the tests' oracle, netplug's CLI and agent) runs with
+    the host's view of the lab, as for the host's release: the host's virsh and libvirt-python
+    drive either daemon over the same socket path.
+
+    libvirtd runs hooks inside its chroot, where the host's venv does not exist.
+    ``lab.expose_host_program(path)`` (called by ``install_netplug`` for the interpreter the
+    shims name) puts a stand-in at PATH inside the root that runs the host's PATH with the
+    host's view of the lab (``chroot /proc/<holder>/root``): same namespaces, argv, stdin and
+    environment as libvirtd gave it. So the hook code under test is the host's; what differs is
+    only the libvirtd calling it.
+
 Paths seen by libvirt (inside) and by the test (host side) differ: ``lab.host_path("/run/
 libvirt/x")`` translates; ``lab.hooks_dir`` is already a host path.
 """
@@ -29,11 +52,13 @@ from __future__ import annotations
 import atexit
 import base64
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -49,6 +74,7 @@ from lxml import etree
 
 from .guest import (READY_END_MARKER, READY_MARKER, GuestConsole, GuestError, GuestImage,
                     build_guest, cache_dir, parse_ip_link)
+from .release import Release, ReleaseUnavailable, ensure_root, release as find_release
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +83,11 @@ NETNS_DIR = Path("/run/netns")
 CONSOLE_DIR = "/run/libvirt/netplug-console"   # inside the lab
 CONSOLE_LOG_DIR = "/var/log/libvirt/qemu"      # inside the lab
 KEEP_LOGS = 20
-REQUIRED_TOOLS = ("ip", "unshare", "nsenter", "libvirtd", "virtlogd", "virsh",
-                  "qemu-system-x86_64")
+# The newest machine type both QEMU 7.2 (Debian 12) and QEMU 10.0 (Debian 13) have: a guest
+# started with it migrates live between the two releases ('pc' names each QEMU's own newest).
+MIGRATION_MACHINE = "pc-i440fx-7.2"
+REQUIRED_TOOLS = ("ip", "unshare", "nsenter", "virsh", "chroot", "findmnt")
+DAEMON_TOOLS = ("libvirtd", "virtlogd", "qemu-system-x86_64")  # the host's, for its release
 DAEMON_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
               "HOME": "/root", "LC_ALL": "C"}
 
@@ -71,10 +100,19 @@ BIND_MOUNTS = (
     ("cache/libvirt", "/var/cache/libvirt"),
 )
 
+# Lab-private directories over netplug's default config and state paths (see `shell`).
+NETPLUG_BIND_MOUNTS = (
+    ("netplug/etc", "/etc/libvirt-netplug"),
+    ("netplug/run", "/run/libvirt-netplug"),
+)
+
 HOLDER_SCRIPT = r"""
 set -e
-L=$1
+L=$1 BASE=$2 TOP=$3 CACHE=$4
+ovl=""
 ov() {  # give DIR a writable overlay (upper/work in the lab dir) so we can add mount points
+    case " $ovl " in *" $1 "*) return 0;; esac
+    ovl="$ovl $1"
     mkdir -p "$L/ov/$2.u" "$L/ov/$2.w"
     mount -t overlay overlay -o "lowerdir=$1,upperdir=$L/ov/$2.u,workdir=$L/ov/$2.w" "$1"
 }
@@ -82,17 +120,66 @@ ov() {  # give DIR a writable overlay (upper/work in the lab dir) so we can add 
 [ -d /var/cache/libvirt ] || ov /var/cache varcache
 [ -d /var/log/libvirt ] || ov /var/log varlog
 [ -d /etc/libvirt ] || ov /etc etc
+[ -d /etc/libvirt-netplug ] || ov /etc etc
 [ -d /run/libvirt ] || ov /run run
-for pair in etc/libvirt:/etc/libvirt run/libvirt:/run/libvirt lib/libvirt:/var/lib/libvirt \
-            log/libvirt:/var/log/libvirt cache/libvirt:/var/cache/libvirt; do
+[ -d /run/libvirt-netplug ] || ov /run run
+PAIRS="etc/libvirt:/etc/libvirt run/libvirt:/run/libvirt lib/libvirt:/var/lib/libvirt
+       log/libvirt:/var/log/libvirt cache/libvirt:/var/cache/libvirt"
+for pair in $PAIRS netplug/etc:/etc/libvirt-netplug netplug/run:/run/libvirt-netplug; do
     mkdir -p "${pair#*:}"
     mount --bind "$L/${pair%%:*}" "${pair#*:}"
 done
 mount --bind "$L/passwd" /etc/passwd
 mount --bind "$L/group" /etc/group
+if [ -n "$BASE" ]; then  # the other release: its cached root, overlaid per lab
+    R=$L/root
+    mkdir -p "$L/ov/root.u" "$L/ov/root.w" "$R"
+    mount -t overlay overlay -o "lowerdir=$BASE,upperdir=$L/ov/root.u,workdir=$L/ov/root.w" "$R"
+    for pair in $PAIRS; do
+        mkdir -p "$R${pair#*:}"
+        mount --bind "$L/${pair%%:*}" "$R${pair#*:}"
+    done
+    mount --bind "$L/root-passwd" "$R/etc/passwd"
+    mount --bind "$L/root-group" "$R/etc/group"
+    mount --rbind /dev "$R/dev"
+    mount --rbind /sys "$R/sys"     # `ip netns exec` mounted the lab netns's sysfs here
+    mount -t proc proc "$R/proc"
+    mkdir -p "$R$TOP" "$R$CACHE"
+    mount --bind "$TOP" "$R$TOP"
+    mount --bind "$CACHE" "$R$CACHE"
+    mount -o remount,bind,ro "$R$CACHE"
+fi
 ip link set lo up
 echo holder-ready
 exec sleep infinity
+"""
+
+# Inside a release root: stands in for a host program (see Lab.expose_host_program).
+HOST_PROGRAM_STANDIN = """\
+#!/bin/sh
+# netplug lab (tests/lab/lab.py): this lab's libvirtd runs chrooted in a Debian root and runs
+# hooks there. This stands in for the host's {path} and runs it with the host's view of the
+# lab (its namespaces, the host's files): the root of the lab's holder process.
+exec /usr/sbin/chroot /proc/{holder}/root {path} "$@"
+"""
+
+# Run inside the holder's mount namespace: put the stand-in $2 at $1 inside root $3.
+EXPOSE_SCRIPT = r"""
+set -e
+P=$(chroot "$3" realpath -m "$1")   # symlinks resolved inside the root, not on the host
+if [ -e "$3$P" ]; then
+    [ -f "$3$P" ] || { echo "$1 -> $P is not a file" >&2; exit 1; }
+    mount --bind "$2" "$3$P"        # a mount in the lab's namespace: the file is not touched
+else
+    d=$(dirname "$3$P")
+    while [ ! -e "$d" ]; do d=$(dirname "$d"); done
+    # create it only inside the root's own overlay, never through a bind to host files
+    [ "$(findmnt -n -o TARGET -T "$d")" = "$(readlink -f "$3")" ] || {
+        echo "$1 -> $P would be created outside the lab's root ($d)" >&2; exit 1; }
+    mkdir -p "$(dirname "$3$P")"
+    cp "$2" "$3$P"
+    chmod 755 "$3$P"
+fi
 """
 
 LIBVIRTD_CONF = """\
@@ -467,7 +554,10 @@ class Lab:
     Use as a context manager (``with Lab() as lab:``) or call start()/stop().
     """
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str | None = None, release: "Release | str | None" = None) -> None:
+        """NAME: up to 21 of [a-z0-9-] (default random). RELEASE: a release.Release, or its
+        name ('libvirt9', 'libvirt11', 'host', 'other'); default the host's libvirt."""
+        self.release = release if isinstance(release, Release) else find_release(release)
         short = name or secrets.token_hex(3)
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,20}", short):
             raise ValueError(f"lab name {short!r}: use up to 21 of [a-z0-9-]")
@@ -497,9 +587,14 @@ class Lab:
     def libvirtd_log_path(self) -> Path:
         return self.dir / "log/libvirt/libvirtd.log"
 
+    @property
+    def root(self) -> Path | None:
+        """Where the release root is mounted (holder's view), None for the host's release."""
+        return None if self.release.is_host else self.dir / "root"
+
     def host_path(self, inside: str) -> Path:
         """Translate a path inside the lab (/run/libvirt/…, /etc/libvirt/…) to a host path."""
-        for rel, target in BIND_MOUNTS:
+        for rel, target in BIND_MOUNTS + NETPLUG_BIND_MOUNTS:
             if inside == target or inside.startswith(target + "/"):
                 return self.dir / rel / inside[len(target):].lstrip("/")
         return Path(inside)
@@ -532,6 +627,14 @@ class Lab:
         try:
             self.image = build_guest()
             self.timings["guest_build"] = self.image.build_seconds
+            if not self.release.is_host:
+                t_root = time.monotonic()
+                try:
+                    base = ensure_root(self.release)
+                except ReleaseUnavailable as e:
+                    raise LabError(str(e)) from None
+                self.timings["root_build"] = time.monotonic() - t_root
+                _write_passwd_group(self.dir, base / "etc", prefix="root-")
             _run_host(["ip", "netns", "add", self.name])
             self._start_holder()
             self._start_daemons()
@@ -566,6 +669,7 @@ class Lab:
         except (OSError, ValueError) as e:
             raise LabError(f"no running lab {lab.name} ({lab.dir}/state.json: {e})") from e
         lab.holder_pid = state["holder_pid"]
+        lab.release = find_release(state.get("release"))
         if not _alive(lab.holder_pid, state.get("holder_starttime")):
             raise LabError(f"lab {lab.name} is stale (holder gone); run "
                            "`python -m tests.lab cleanup`")
@@ -585,11 +689,15 @@ class Lab:
     def _preflight(self) -> None:
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network/mount namespaces, libvirtd)")
-        missing = [t for t in REQUIRED_TOOLS if shutil.which(t, path=DAEMON_ENV["PATH"]) is None]
+        tools = REQUIRED_TOOLS + (DAEMON_TOOLS if self.release.is_host else ())
+        missing = [t for t in tools if shutil.which(t, path=DAEMON_ENV["PATH"]) is None]
         if missing:
             raise LabError(f"missing tools: {', '.join(missing)} (apt-get install "
                            "libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 iproute2 "
-                           "util-linux)")
+                           "util-linux coreutils)")
+        reason = self.release.unavailable()
+        if reason:
+            raise LabError(reason)
 
     def _write_json(self, name: str, data: dict) -> None:
         tmp = self.dir / f".{name}.tmp"
@@ -603,7 +711,7 @@ class Lab:
         tmp = Path(tempfile.mkdtemp(prefix=".netplug-lab-new-", dir=root))
         (tmp / "owner.json").write_text(json.dumps(
             {"pid": os.getpid(), "starttime": _proc_starttime(os.getpid())}))
-        for rel, _ in BIND_MOUNTS:
+        for rel, _ in BIND_MOUNTS + NETPLUG_BIND_MOUNTS:
             (tmp / rel).mkdir(parents=True)
         (tmp / "etc/libvirt/hooks").mkdir()
         (tmp / "run/libvirt/netplug-console").mkdir()
@@ -614,8 +722,8 @@ class Lab:
         (tmp / "etc/libvirt/qemu.conf").write_text(QEMU_CONF)
         (tmp / "etc/libvirt/virtlogd.conf").write_text("")
         (tmp / "etc/libvirt/libvirt.conf").write_text("")
-        _write_passwd_group(tmp)
-        caps = cache_dir() / "qemu-capabilities"
+        _write_passwd_group(tmp, Path("/etc"))
+        caps = self._caps_cache
         if caps.is_dir():
             shutil.copytree(caps, tmp / "cache/libvirt/qemu/capabilities")
         os.rename(tmp, self.dir)
@@ -642,9 +750,17 @@ class Lab:
         except OSError as e:
             log.warning("lab %s: could not keep logs in %s: %s", self.name, dest, e)
 
+    @property
+    def _caps_cache(self) -> Path:
+        """libvirt's QEMU-capabilities cache, kept per release: both releases name the file
+        after the same emulator path, and a foreign one only makes libvirtd probe again."""
+        if self.release.is_host:
+            return cache_dir() / "qemu-capabilities"
+        return cache_dir() / f"qemu-capabilities-{self.release.suite}"
+
     def _save_caps_cache(self) -> None:
         src = self.dir / "cache/libvirt/qemu/capabilities"
-        dst = cache_dir() / "qemu-capabilities"
+        dst = self._caps_cache
         try:
             for f in src.glob("*.xml"):
                 if not (dst / f.name).exists():
@@ -660,7 +776,9 @@ class Lab:
         with open(holder_log, "wb") as out:
             p = subprocess.Popen(
                 ["ip", "netns", "exec", self.name, "unshare", "--mount",
-                 "--propagation", "private", "sh", "-c", HOLDER_SCRIPT, "holder", str(self.dir)],
+                 "--propagation", "private", "sh", "-c", HOLDER_SCRIPT, "holder", str(self.dir),
+                 str(self.release.root_dir or ""), str(lab_root().resolve()),
+                 str(cache_dir().resolve())],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, env=DAEMON_ENV)
         self.holder_pid = p.pid
@@ -674,16 +792,21 @@ class Lab:
         threading.Thread(target=p.wait, daemon=True).start()
         self._write_json("state.json", {
             "holder_pid": p.pid, "holder_starttime": _proc_starttime(p.pid),
-            "kernel": str(self.image.kernel), "initrd": str(self.image.initrd)})
+            "kernel": str(self.image.kernel), "initrd": str(self.image.initrd),
+            "release": self.release.name})
 
     def _nsenter(self) -> list[str]:
         if not self.holder_pid:
             raise LabError("lab not started")
-        return ["nsenter", "-t", str(self.holder_pid), "-m", "-n", "--"]
+        # -r: the holder's root too. Entering a mount namespace resets the root to the
+        # namespace's own; where the lab runs inside a chroot (tests/lab/fresh_host.py), that
+        # would escape it.
+        return ["nsenter", "-t", str(self.holder_pid), "-m", "-n", "-r", "--"]
 
     def _daemon(self, name: str, argv: list[str]) -> None:
+        chroot = ["chroot", str(self.root)] if self.root else []
         with open(self.dir / f"{name}.stderr", "ab") as err:
-            r = subprocess.run(self._nsenter() + argv, stdin=subprocess.DEVNULL, stdout=err,
+            r = subprocess.run(self._nsenter() + chroot + argv, stdin=subprocess.DEVNULL, stdout=err,
                                stderr=err, env=DAEMON_ENV, timeout=60, check=False)
         if r.returncode != 0:
             raise LabError(f"{name} failed to start (exit {r.returncode}); see "
@@ -740,6 +863,31 @@ class Lab:
         os.kill(pid, signal.SIGHUP)
         time.sleep(0.5)
         self.virsh("version")
+
+    def expose_host_program(self, path: str) -> None:
+        """Make the host program PATH (e.g. the interpreter netplug's hook shims name) runnable
+        by this lab's libvirtd. Nothing to do for the host's release; in a release root,
+        libvirtd runs hooks inside its chroot, so a stand-in at PATH there runs the host's PATH
+        with the host's view of the lab (see the module docstring). Idempotent."""
+        if self.root is None:
+            return
+        if not os.path.isabs(path):
+            raise LabError(f"expose_host_program: {path!r} is not an absolute path")
+        standin = self.dir / "standins" / hashlib.sha256(path.encode()).hexdigest()[:16]
+        if standin.exists():
+            return
+        standin.parent.mkdir(exist_ok=True)
+        tmp = standin.with_suffix(".tmp")
+        tmp.write_text(HOST_PROGRAM_STANDIN.format(path=shlex.quote(path),
+                                                   holder=self.holder_pid))
+        tmp.chmod(0o755)
+        self.run("sh", "-c", EXPOSE_SCRIPT, "expose", path, str(tmp), str(self.root))
+        tmp.rename(standin)
+
+    def daemon_version(self) -> str:
+        """`virsh version --daemon` of this lab's libvirtd (lines joined with '; ')."""
+        out = self.virsh("version", "--daemon").stdout
+        return "; ".join(line.strip() for line in out.splitlines() if line.strip())
 
     # -- running things inside
     def run(self, *argv: str, input: str | None = None, timeout: float = 120.0,
@@ -825,8 +973,11 @@ class Lab:
     # -- domains
     def domain_xml(self, name: str, interfaces: list["Nic | str"] = (), *, memory_mib: int = 128,
                    vcpus: int = 1, run: str | None = None, metadata: str = "",
-                   extra_devices: str = "", kvm: bool | None = None) -> str:
-        """Domain XML booting the lab guest (kernel + initramfs, no disk) with INTERFACES."""
+                   extra_devices: str = "", kvm: bool | None = None,
+                   machine: str = "pc") -> str:
+        """Domain XML booting the lab guest (kernel + initramfs, no disk) with INTERFACES.
+        MACHINE: QEMU's machine type; 'pc' is each QEMU's newest i440FX, a versioned one
+        (MIGRATION_MACHINE) lets a guest migrate between QEMU releases."""
         if self.image is None:
             raise LabError("lab not started")
         if kvm is None:
@@ -841,7 +992,7 @@ class Lab:
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>{vcpus}</vcpu>
   <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
+    <type arch='x86_64' machine={quoteattr(machine)}>hvm</type>
     <kernel>{escape(str(self.image.kernel))}</kernel>
     <initrd>{escape(str(self.image.initrd))}</initrd>
     <cmdline>{escape(cmdline)}</cmdline>
@@ -905,10 +1056,11 @@ class Lab:
         return self._nsenter() + [os.environ.get("SHELL", "/bin/bash")]
 
 
-def _write_passwd_group(d: Path) -> None:
-    """Copies of /etc/passwd and /etc/group that add what libvirtd/dnsmasq expect."""
-    passwd = Path("/etc/passwd").read_text()
-    group = Path("/etc/group").read_text()
+def _write_passwd_group(d: Path, etc: Path, prefix: str = "") -> None:
+    """Copies of ETC/passwd and ETC/group (as D/PREFIXpasswd, D/PREFIXgroup) that add what
+    libvirtd/dnsmasq expect."""
+    passwd = (etc / "passwd").read_text()
+    group = (etc / "group").read_text()
     passwd += "" if passwd.endswith("\n") or not passwd else "\n"
     group += "" if group.endswith("\n") or not group else "\n"
     used_gids = {int(x.split(":")[2]) for x in group.splitlines() if x.count(":") >= 3}
@@ -932,5 +1084,5 @@ def _write_passwd_group(d: Path) -> None:
                        ("libvirt-dnsmasq", "/var/lib/libvirt/dnsmasq")):
         if user not in names:
             passwd += f"{user}:x:{free(used_uids)}:{gids[user]}::{home}:/usr/sbin/nologin\n"
-    (d / "passwd").write_text(passwd)
-    (d / "group").write_text(group)
+    (d / f"{prefix}passwd").write_text(passwd)
+    (d / f"{prefix}group").write_text(group)

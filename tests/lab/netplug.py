@@ -57,6 +57,7 @@ def install_netplug(lab: Lab, config: str = "", python: str | None = None) -> Ne
     libvirtd re-read its hooks."""
     np = Netplug(lab, python or sys.executable)
     np.write_config(config)
+    lab.expose_host_program(np.python)  # a release root's libvirtd runs the shims chrooted
     subprocess.run([np.python, "-m", "libvirt_netplug.cli", "install-hooks",
                     "--hooks-dir", str(lab.hooks_dir), "--config", CONFIG, "--state-dir", STATE],
                    check=True, capture_output=True, text=True, cwd=REPO)

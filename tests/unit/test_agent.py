@@ -650,3 +650,19 @@ def test_cli_broken_config_is_one_line_and_exit_1(tmp_path, capsys):
     assert netplug(["agent", "--config", str(cfg), "--connect", "test:///default"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("netplug agent: error: config ") and "promiscLinks" in err[-1]
+
+
+
+@pytest.mark.parametrize("module", ["workqueue", "events", "command"])
+def test_agent_pieces_stand_alone(module):
+    """The queue, the event vocabulary and the command's arguments load nothing of libvirt,
+    the engine or the kernel: each can be read and tested on its own."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, libvirt_netplug.agent.{module}; "
+            "heavy = [m for m in ('libvirt', 'libvirt_netplug.sync', 'libvirt_netplug.kernel', "
+            "'libvirt_netplug.agent.session', 'libvirt_netplug.agent.worker') "
+            "if m in sys.modules]; assert not heavy, heavy")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -21,6 +21,7 @@ import pytest
 from fakes import bridge_iface, domain_xml, hookdata, network_xml, networkport_xml, \
     policy_xml
 from netns import netplug_cli
+from polling import assert_no_hang
 
 MB = 1024 * 1024
 MAC = "52:54:00:00:00:01"
@@ -126,7 +127,7 @@ def check_one_line(result, words):
     line = result.lines[0]
     for w in words:
         assert w in line, f"{w!r} not in {line!r}"
-    assert result.elapsed < 10.0, f"{result.elapsed:.2f} s"
+    assert_no_hang(result.elapsed)
 
 
 # -- the hook --------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ def test_tap_vanishing_mid_apply_is_one_error_and_no_half_applied_port(run_hook,
     assert r.rc == 0 and r.stdout == "" and "Traceback" not in r.stderr
     assert len(r.errors) == 1, r.stderr
     assert all(w in r.errors[0] for w in ("domain vm1", "interface net1", "No such device"))
-    assert r.elapsed < 10.0  # a hang bound only
+    assert_no_hang(r.elapsed)
     assert "vnet1" not in fake.devs
     for i in (0, 2):
         links = fake.links()
@@ -266,7 +267,7 @@ def check_plan_error(p, elapsed, words):
     assert err.startswith("netplug plan: error: ")
     for w in words:
         assert w in err, f"{w!r} not in {err!r}"
-    assert elapsed < 10.0  # a hang bound only
+    assert_no_hang(elapsed, "netplug plan")
 
 
 @pytest.fixture(scope="module")
@@ -311,16 +312,14 @@ def test_plan_bad_network_xml(planned, name, op, doc, words):
 @pytest.mark.parametrize("args,words", [
     (["--op", "frobnicate"], ["unknown --op 'frobnicate'"]),
     (["--op", ""], ["unknown --op ''"]),
-    (["--config", "/nonexistent/dir/x.toml/"], []),
+    # A --config given explicitly must exist (a typo must not plan with an empty config).
+    (["--config", "/nonexistent/dir/x.toml/"], ["config /nonexistent/dir/x.toml/: no such "
+                                                "file"]),
 ], ids=["unknown-op", "empty-op", "config-path-is-not-a-file"])
 def test_plan_bad_arguments(tmp_path, args, words):
     d = tmp_path / "domain.xml"
     d.write_bytes(dom(nic()))
     p, elapsed = plan("--domain-xml", str(d), *args)
-    if args[0] == "--config":
-        # A missing config file is an empty config (like the hook): not an error.
-        assert p.returncode == 0, p.stderr
-        return
     check_plan_error(p, elapsed, words)
 
 
@@ -347,7 +346,8 @@ def test_plan_interface_without_target_is_reported_not_an_error(tmp_path):
     c = tmp_path / "c.toml"
     c.write_text(MANAGED)
     p, elapsed = plan("--domain-xml", str(d), "--config", str(c))
-    assert p.returncode == 0 and p.stderr == b"" and elapsed < 10.0
+    assert p.returncode == 0 and p.stderr == b""
+    assert_no_hang(elapsed, "netplug plan")
     (intent,) = json.loads(p.stdout)["interfaces"]
     assert not intent["managed"] and "no <target dev>" in intent["reason"]
     assert json.loads(p.stdout)["operations"] == []

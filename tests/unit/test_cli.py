@@ -55,3 +55,43 @@ def test_cli_main_can_run_twice_in_one_process(capsys, monkeypatch):
     argv = ["plan", "--domain-xml", str(SAMPLES / "domain-prepare.xml")]
     assert cli.main(argv) == 0
     assert cli.main(argv) == 0
+
+
+def test_bash_completion_knows_every_command_and_option():
+    """completion/netplug.bash (shipped by the Debian package) lists what argparse accepts."""
+    import argparse
+    import re
+
+    from conftest import REPO
+    from libvirt_netplug import cli
+
+    text = (REPO / "completion" / "netplug.bash").read_text()
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = re.search(r'local commands="([^"]+)"', text).group(1).split()
+    assert sorted(commands) == sorted(sub.choices)
+    for name, sp in sub.choices.items():
+        want = sorted(o for a in sp._actions for o in a.option_strings
+                      if o.startswith("--") and o != "--help")
+        got = re.search(rf'^\s+{re.escape(name)}\) echo "([^"]*)"', text, re.M)
+        assert got and sorted(got.group(1).split()) == want, name
+
+
+def test_hook_by_hand_uses_the_installed_hooks_paths(tmp_path, monkeypatch, capsys):
+    """`netplug hook` without options acts on the config and state dir the shims name."""
+    from fakes import bridge_iface, domain_xml
+    from libvirt_netplug import cli, install
+    from netns import venv_python
+
+    monkeypatch.delenv("NETPLUG_CONFIG")
+    monkeypatch.delenv("NETPLUG_STATE_DIR")
+    cfg, state, hooks = tmp_path / "c.toml", tmp_path / "state", tmp_path / "hooks"
+    cfg.write_text("")
+    install.install(str(hooks), venv_python(), str(cfg), str(state))
+    xml = domain_xml("vm1", [bridge_iface("br0", "tap0", "52:54:00:00:00:01", "net0")])
+    monkeypatch.setattr("sys.stdin", type("In", (), {"buffer": __import__("io").BytesIO(
+        xml.encode())})())
+    assert cli.main(["hook", "--hooks-dir", str(hooks), "qemu", "vm1", "started", "begin",
+                     "-"]) == 0
+    # The hooks' state dir, not the default one: the run's result is recorded there.
+    assert (state / "hooks" / "qemu" / "vm1.json").exists()

@@ -3,10 +3,11 @@
 Hand-written samples (xml-samples/*.xml): `netplug plan` of every domain document for the
 ops `start` and `stopped`, with every network document there and xml-samples/golden/config.toml,
 compared with xml-samples/golden/NAME.OP.json.
-Captured samples (xml-samples/captured/, from a real libvirtd, when present): each domain
+Captured samples (xml-samples/captured*/ from a real libvirtd: captured/ libvirt 9.0,
+captured-libvirt11/ libvirt 11.3; see tests/lab/capture_samples.py): each domain
 document is planned for the op its hook was called with (NAME.argv), with the network
 documents the same libvirtd had handed the network hook before it (latest per name), as the
-state dir would hold them; golden files under xml-samples/golden/captured/.
+state dir would hold them; golden files under xml-samples/golden/<capture dir>/.
 Network documents (<network> or a network hook's <hookData>) are compared as parsed models.
 A document netplug rejects has its one-line error as its golden result.
 
@@ -95,22 +96,29 @@ def cases():
         for op in OPS:
             out.append(pytest.param("plan", d, tuple(networks), op,
                                     GOLDEN / f"{d.stem}.{op}.json", id=f"{d.stem}:{op}"))
-    captured = SAMPLES / "captured"
-    if captured.is_dir():
-        labs = _labs(captured)
-        domains, networks = collection(captured, recursive=True)
-        for d in domains:
-            rel = d.relative_to(captured).with_suffix("")
-            argv = _argv(d)
-            op = argv[2] if argv and len(argv) > 2 else "start"
-            out.append(pytest.param("plan", d, tuple(_networks_seen_before(d, networks, labs)),
-                                    op, GOLDEN / "captured" / f"{rel}.{op}.json",
-                                    id=f"captured/{rel}:{op}"))
-        for n in networks:
-            rel = n.relative_to(captured).with_suffix("")
-            out.append(pytest.param("model", n, (), None,
-                                    GOLDEN / "captured" / f"{rel}.model.json",
-                                    id=f"captured/{rel}:model"))
+    for captured in sorted(p for p in SAMPLES.glob("captured*") if p.is_dir()):
+        out += captured_cases(captured)
+    return out
+
+
+def captured_cases(captured: Path) -> list:
+    """Cases of one capture (captured/ is libvirt 9.0, captured-libvirt11/ libvirt 11.3, …);
+    goldens under golden/<its name>/."""
+    out = []
+    labs = _labs(captured)
+    domains, networks = collection(captured, recursive=True)
+    for d in domains:
+        rel = d.relative_to(captured).with_suffix("")
+        argv = _argv(d)
+        op = argv[2] if argv and len(argv) > 2 else "start"
+        out.append(pytest.param("plan", d, tuple(_networks_seen_before(d, networks, labs)),
+                                op, GOLDEN / captured.name / f"{rel}.{op}.json",
+                                id=f"{captured.name}/{rel}:{op}"))
+    for n in networks:
+        rel = n.relative_to(captured).with_suffix("")
+        out.append(pytest.param("model", n, (), None,
+                                GOLDEN / captured.name / f"{rel}.model.json",
+                                id=f"{captured.name}/{rel}:model"))
     return out
 
 
@@ -143,7 +151,10 @@ def run_plan(domain: Path, networks, op: str) -> dict:
             rc = args.func(args)
     except NetplugError as e:
         return {"exit": 1, "error": str(e).replace(str(SAMPLES), "xml-samples")}
-    return {"exit": rc, "plan": json.loads(out.getvalue())}
+    doc = json.loads(out.getvalue())
+    # The envelope (format version, command) is checked once below; goldens hold the plan.
+    assert (doc.pop("version"), doc.pop("command")) == (1, "plan")
+    return {"exit": rc, "plan": doc}
 
 
 def run_model(path: Path) -> dict:
@@ -200,4 +211,4 @@ def test_cli_plan_output_is_the_golden_json():
                         str(CONFIG)], capture_output=True, timeout=30)
     assert p.returncode == 0, p.stderr
     golden = json.loads((GOLDEN / "domain-host-bridges.start.json").read_text())
-    assert json.loads(p.stdout) == golden["plan"]
+    assert json.loads(p.stdout) == {"version": 1, "command": "plan", **golden["plan"]}

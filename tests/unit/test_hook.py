@@ -216,7 +216,7 @@ def shims(tmp_path):
 
     paths = install.install(str(tmp_path / "hooks"), venv_python(),
                             str(tmp_path / "config.toml"), str(tmp_path / "state"))
-    return {os.path.basename(os.path.dirname(p)).split(".")[0]: p for p in paths}
+    return {os.path.basename(os.path.dirname(d.path)).split(".")[0]: d.path for d in paths}
 
 
 def run_shim(path, args, data: bytes):

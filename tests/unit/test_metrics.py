@@ -78,11 +78,11 @@ def test_gauges_of_one_run(tmp_path):
     assert value(ss, "netplug_managed_ports", bridge="br0") == 2
     assert ("netplug_managed_ports", (("bridge", "br1"), ("source", "reconcile"))) not in ss
     assert value(ss, "netplug_managed_macvtaps", lower="low0") == 1
-    assert value(ss, "netplug_drift_operations", action="fdb-replace") == 1
-    assert value(ss, "netplug_drift_operations", action="port-flags") == 1
-    assert value(ss, "netplug_drift_operations", action="multicast-add") == 0
-    assert value(ss, "netplug_repaired_operations", action="port-flags") == 1
-    assert value(ss, "netplug_apply_errors") == 0
+    assert value(ss, "netplug_last_run_drift_operations", action="fdb-replace") == 1
+    assert value(ss, "netplug_last_run_drift_operations", action="port-flags") == 1
+    assert value(ss, "netplug_last_run_drift_operations", action="multicast-add") == 0
+    assert value(ss, "netplug_last_run_repaired_operations", action="port-flags") == 1
+    assert value(ss, "netplug_last_run_apply_errors") == 0
     assert value(ss, "netplug_rx_filter_entries", domain="vm1", interface="net3",
                  device="mvt0", list="multicast") == 2
     assert value(ss, "netplug_rx_filter_entries", domain="vm1", interface="net3",
@@ -90,7 +90,7 @@ def test_gauges_of_one_run(tmp_path):
     assert value(ss, "netplug_last_run_timestamp_seconds") == 1000.0
     assert value(ss, "netplug_last_success_timestamp_seconds") == 1000.0
     assert value(ss, "netplug_last_run_success") == 1.0
-    assert value(ss, "netplug_run_duration_seconds") == 0.25
+    assert value(ss, "netplug_last_run_duration_seconds") == 0.25
     assert value(ss, "netplug_runs_total") == 1
     assert value(ss, "netplug_repaired_operations_total") == 2
 
@@ -105,7 +105,7 @@ def test_counters_carry_over_and_failures_keep_last_success(tmp_path):
     assert value(ss, "netplug_drift_found_operations_total") == 4
     assert value(ss, "netplug_repaired_operations_total") == 3
     assert value(ss, "netplug_apply_errors_total") == 1
-    assert value(ss, "netplug_apply_errors") == 1
+    assert value(ss, "netplug_last_run_apply_errors") == 1
     assert value(ss, "netplug_last_run_success") == 0.0
     assert value(ss, "netplug_last_success_timestamp_seconds") == 1000.0
     assert value(ss, "netplug_last_run_timestamp_seconds") == 1300.0

@@ -150,12 +150,15 @@ def test_records_drive_cleanup_of_exactly_what_was_added(world):
     r.run(domain())
     assert sorted(r.record["ports"]) == ["vnet0", "vnet1", "vnet2"]
     assert r.record["ports"]["vnet0"]["fdb"] == [[MACS[0], None]]
-    # The policy changes to "yes" for the whole domain: the next run cleans up.
+    # The policy changes to "yes" for the whole domain: the next run cleans up, and keeps the
+    # taps recorded as this domain's (nothing applied), so no other domain can claim them.
     plan, result = r.run(domain(metadata=policy_xml(promiscLinks="yes")))
-    assert result.ok and set(plan.cleaned) == {"vnet0", "vnet1", "vnet2"}
+    assert result.ok and set(plan.claimed) == {"vnet0", "vnet1", "vnet2"}
     assert [type(o) for o in plan.ops[:2]] == [SetPortFlags, DeleteFdb]  # flood back first
     assert world.snapshot() == pristine
-    assert r.record["ports"] == {}
+    assert {tap: (p["fdb"], p["flags"]) for tap, p in r.record["ports"].items()} == {
+        tap: ([], False) for tap in ("vnet0", "vnet1", "vnet2")}
+    assert r.run(domain(metadata=policy_xml(promiscLinks="yes")))[0].ops == ()
 
 
 def test_cleanup_leaves_a_recreated_tap_alone(world):
@@ -289,3 +292,28 @@ def test_cleanup_never_changes_flags_netplug_did_not_change(world):
     r.run(domain(1))
     r.run(domain(1, metadata=policy_xml(promiscLinks="yes")))
     assert managed_state(world, "vnet0")[1] == (False, False)
+
+
+def test_trunk_vlan_entries_follow_the_vlans_libvirt_11_gave_the_tap():
+    """libvirt >= 11 configures <vlan> on Linux-bridge taps itself (virNetDevBridgeSetupVlans,
+    11.3): it removes VLAN 1 from the tap; for a trunk the tags are the tap's VLANs and the one
+    with nativeMode is its PVID. netplug reads those VLANs from the kernel: the guest's MAC gets
+    an entry on each (never on VLAN 1, which the port is not in: the kernel would refuse it)."""
+    k = FakeKernel(vlan_filtering_supported=True)
+    k.add_bridge("br0", vlan_filtering=True)
+    k.add_tap("vnet0", "br0", guest=MACS[0])
+    k.add_tap("vnet1", "br0", guest=MACS[1])
+    k.set_port_vlans("vnet0", {42, 43}, pvid=43)  # nativeMode='untagged'
+    k.set_port_vlans("vnet1", {44, 45}, pvid=45)  # nativeMode='tagged'
+    dom = parse_domain(domain_xml("vm1", [
+        bridge_iface("br0", "vnet0", MACS[0], extra="<vlan trunk='yes'><tag id='42'/>"
+                                                    "<tag id='43' nativeMode='untagged'/></vlan>"),
+        bridge_iface("br0", "vnet1", MACS[1], extra="<vlan trunk='yes'><tag id='44'/>"
+                                                    "<tag id='45' nativeMode='tagged'/></vlan>")]))
+    r = Runner(k)
+    plan, result = r.run(dom)
+    assert result.ok
+    assert [(o.device, o.vlan, o.also_vlans) for o in plan.ops if isinstance(o, ReplaceFdb)] \
+        == [("vnet0", None, (42, 43)), ("vnet1", None, (44, 45))]
+    assert r.record["ports"]["vnet0"]["fdb"] == [[MACS[0], None], [MACS[0], 42],
+                                                 [MACS[0], 43]]

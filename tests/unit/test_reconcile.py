@@ -370,7 +370,7 @@ def test_metrics_file_written(world, capsys, tmp_path):
     assert netplug(world.argv("--metrics-file", str(prom)), capsys)[0] == 2
     text = prom.read_text()
     assert 'netplug_managed_ports{bridge="br0",source="reconcile"} 2.0' in text
-    assert 'netplug_repaired_operations{action="fdb-replace",source="reconcile"} 3.0' in text
+    assert 'netplug_last_run_repaired_operations{action="fdb-replace",source="reconcile"} 3.0' in text
     assert re.search(r'^netplug_last_run_success\{source="reconcile"\} 1\.0$', text, re.M)
 
 

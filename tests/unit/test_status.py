@@ -195,3 +195,150 @@ def test_no_domains(tmp_path, fake, capsys):
                           str(tmp_path / "s")], capsys)
     assert rc == 0
     assert out == "no running domains with interfaces, and no netplug records\n"
+
+
+# -- status never hides what reconcile would change ------------------------------------------
+
+
+def drift_in_text(out: str) -> list[str]:
+    """Every operation the text names: 'drift: WHERE: op; op (run ...)' lines."""
+    ops = []
+    for line in out.splitlines():
+        if line.startswith("drift: "):
+            body = line[len("drift: "):].rsplit(" (run 'netplug reconcile')", 1)[0]
+            ops += body.split(": ", 1)[1].split("; ")
+    return sorted(ops)
+
+
+def dry_run_changes(world, capsys, config) -> list[str]:
+    rc, out, _ = netplug(["reconcile", "--dry-run", "--json", "--connect", world.uri,
+                          "--config", str(config), "--state-dir", str(world.state),
+                          "--no-guest-query"], capsys)
+    return sorted(c["description"] for c in json.loads(out)["changes"])
+
+
+def check_nothing_hidden(world, capsys, config) -> list[str]:
+    want = dry_run_changes(world, capsys, config)
+    argv = ["status", "--connect", world.uri, "--config", str(config), "--state-dir",
+            str(world.state), "--no-guest-query"]
+    rc, out, _ = netplug(argv, capsys)
+    assert rc == 0 and drift_in_text(out) == want, out
+    doc = json.loads(netplug([*argv, "--json"], capsys)[1])
+    shown = [d for r in doc["interfaces"] for d in r["drift"]]
+    shown += [o["description"] for o in doc["other_drift"]]
+    assert sorted(shown) == want and doc["drift_operations"] == len(want)
+    for r in doc["interfaces"]:
+        if r["drift"]:
+            assert r["state"] in ("drift", "retired", "error"), r
+    return want
+
+
+def test_an_interface_no_longer_managed_shows_its_revert(world, capsys, tmp_path):
+    """Seen: text status said 'unmanaged' and no drift while --json listed two reverts and
+    reconcile --dry-run found 2 changes (status read another config than the hooks)."""
+    world.seed()
+    other = tmp_path / "other.toml"
+    other.write_text("")  # this config does not manage br0
+    want = check_nothing_hidden(world, capsys, other)
+    assert f"delete FDB entry {A} on tap0" in want and "set learning on flood on on tap0" in want
+    rc, out, _ = netplug(["status", "--connect", world.uri, "--config", str(other),
+                          "--state-dir", str(world.state), "--no-guest-query"], capsys)
+    header = out.splitlines()[0]
+    tap0 = next(ln for ln in out.splitlines() if " tap0 " in ln)
+    assert tap0[header.index("STATE"):].split()[0] == "drift"
+
+
+def test_a_detached_interface_shows_as_a_row(world, capsys):
+    world.seed()
+    vm1_without_tap1 = domain_xml("vm1", [bridge_iface("br0", "tap0", A, "ua-net0")])
+    world.set_domains(vm1_without_tap1, world.vm2)
+    want = check_nothing_hidden(world, capsys, world.config)
+    assert f"delete FDB entry {B} on tap1" in want
+    rows = rows_of(netplug(world.argv("status", "--json"), capsys)[1])
+    r = rows[("vm1", "ua-net1")]
+    assert r["running"] and r["state"] == "retired" and r["device"] == "tap1"
+
+
+def test_a_bridge_level_change_is_shown(tmp_path, monkeypatch, capsys):
+    k = FakeKernel(vlan_filtering_supported=True).install_into(monkeypatch)
+    w = World(tmp_path, k)
+    w.config.write_text('[bridge.br0]\npromiscLinks = "no"\nvlanFiltering = "yes"\n')
+    want = check_nothing_hidden(w, capsys, w.config)
+    assert "set vlan_filtering on on bridge br0" in want
+    rc, out, _ = netplug(w.argv("status"), capsys)
+    assert any(ln.startswith("drift: bridge br0: ") for ln in out.splitlines()), out
+
+
+def test_nothing_hidden_in_the_other_scenarios(world, capsys):
+    check_nothing_hidden(world, capsys, world.config)  # nothing managed yet
+    world.seed()
+    check_nothing_hidden(world, capsys, world.config)  # in sync: nothing
+    world.k.set_port_flags("tap1", learning=True)
+    world.k.devs["mvt0"].mc.discard(MDNS)
+    check_nothing_hidden(world, capsys, world.config)
+    world.set_domains(stopped(world.vm1), world.vm2)
+    check_nothing_hidden(world, capsys, world.config)
+
+
+# -- what else status shows ------------------------------------------------------------------
+
+
+def test_last_hook_run_per_domain(world, capsys):
+    from libvirt_netplug import hookresult
+
+    hookresult.record(str(world.state), "qemu", "vm1", "started", "begin", now=1.7e9)
+    hookresult.record(str(world.state), "qemu", "vm2", "start", "begin", errors=2,
+                      error="domain vm2, interface net0: tap vnet9 does not exist",
+                      now=1.7e9 + 60)
+    rc, out, _ = netplug(world.argv("status"), capsys)
+    lines = out.splitlines()
+    head = lines.index(next(ln for ln in lines if ln.startswith("DOMAIN  LAST HOOK RUN")))
+    vm1, vm2 = lines[head + 1].split(), lines[head + 2].split()
+    assert vm1[0] == "vm1" and vm1[3:] == ["started", "begin", "ok"]
+    assert vm2[0] == "vm2" and vm2[3:6] == ["start", "begin", "2"]
+    assert lines[head + 2].endswith("errors: domain vm2, interface net0: tap vnet9 does not "
+                                    "exist")
+    doc = json.loads(netplug(world.argv("status", "--json"), capsys)[1])
+    assert doc["last_hook_runs"]["vm2"]["ok"] is False
+    assert doc["last_hook_runs"]["vm1"]["operation"] == "started"
+
+
+def test_invalid_config_is_a_line_not_a_failure(world, capsys):
+    world.config.write_text('[bridge.br0]\npromiscLinks = "perhaps"\n')
+    rc, out, err = netplug(world.argv("status"), capsys)
+    assert rc == 0 and "Traceback" not in err
+    [line] = [ln for ln in out.splitlines() if ln.startswith(f"error: config {world.config}")]
+    assert "perhaps" in line and "netplug check-config" in line
+    assert " tap0 " in out  # every domain is still shown
+    doc = json.loads(netplug(world.argv("status", "--json"), capsys)[1])
+    assert "perhaps" in doc["config_error"]
+
+
+def test_a_missing_explicit_config_is_an_error(world, capsys, tmp_path):
+    argv = world.argv("status", "--json")
+    argv[argv.index("--config") + 1] = str(tmp_path / "typo.toml")
+    rc, out, err = netplug(argv, capsys)
+    assert rc == 1 and err.startswith("netplug status: error: config ")
+    assert json.loads(out)["error"].endswith("no such file; give an existing file, or leave "
+                                             "--config out to use " +
+                                             os.environ["NETPLUG_CONFIG"] +
+                                             " (from $NETPLUG_CONFIG)")
+
+
+def test_entries_are_shown_per_vlan_of_the_port(tmp_path, capsys, monkeypatch):
+    """(MAC, VLAN) is the unit: status lists the VLANs the guest's entries cover, and a VLAN
+    the port joined later, with no entry yet, shows as drift (what reconcile would add)."""
+    k = FakeKernel(vlan_filtering_supported=True).install_into(monkeypatch)
+    w = World(tmp_path, k)
+    k.devs["br0"].vlan_filtering = True
+    k.set_port_vlans("tap1", {10, 20}, pvid=10)
+    w.seed()
+    rc, out, _ = netplug(w.argv("status", "--json"), capsys)
+    r = rows_of(out)[("vm1", "ua-net1")]
+    assert [tuple(e) for e in r["fdb_entries"]] == [(B, None), (B, 10), (B, 20)]
+    rc, out, _ = netplug(w.argv("status"), capsys)
+    assert "yes (VLAN 10,20)" in next(ln for ln in out.splitlines() if " tap1 " in ln)
+    k.set_port_vlans("tap1", {10, 20, 30}, pvid=10)
+    rc, out, _ = netplug(w.argv("status", "--json"), capsys)
+    r = rows_of(out)[("vm1", "ua-net1")]
+    assert r["state"] == "drift" and r["drift"] == [f"add static FDB entry {B} vlan 30 on tap1"]
