@@ -218,6 +218,16 @@ def changed(before: dict, after: dict) -> list[str]:
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
+def where(paths: list[str]) -> str:
+    """'20 (hooks/qemu: 20)': how many files changed, by directory."""
+    dirs: dict[str, int] = {}
+    for p in paths:
+        d = os.path.dirname(p) or "."
+        dirs[d] = dirs.get(d, 0) + 1
+    return f"{len(paths)}" + (" (" + ", ".join(f"{d}: {n}" for d, n in sorted(dirs.items()))
+                              + ")" if paths else "")
+
+
 class Place:
     """One namespace with its domains, hooks and state dir."""
 
@@ -431,7 +441,7 @@ def main(argv=None) -> int:
               f"{nn['median_ms']:>9.1f} ms {nn['p90_ms']:>8.1f} {nn['max_ms']:>8.1f} "
               f"{nn['cpu_per_hook_ms']:>9.1f} {nn['cpu_s'] / nn['wall_s']:>6.2f}   "
               f"{sh['wall_s']:>11.2f} s {sh['median_ms']:>8.1f} {sh['max_ms']:>8.1f}  "
-              f"{nn['wall_s'] / ideal:>7.2f}x  {len(r['state_files_changed'])}")
+              f"{nn['wall_s'] / ideal:>7.2f}x  {where(r['state_files_changed'])}")
         if nn["with_stderr"]:
             print(f"    {nn['with_stderr']} hooks wrote to stderr, e.g. "
                   f"{nn['stderr_example'].strip()!r}")
@@ -453,7 +463,7 @@ def main(argv=None) -> int:
               f"{s['max_ms']:>8.1f} {s['cpu_median_ms']:>11.1f}")
     cpu_ratio = ph["B"]["cpu_median_ms"] / ph["A"]["cpu_median_ms"]
     print(f"    ratio {ratio:.3f} wall clock, {cpu_ratio:.3f} CPU time; state files written by "
-          f"these hooks: {len(ph['state_files_changed'])}")
+          f"these hooks: {where(ph['state_files_changed'])}")
     for name, ok in checks.items():
         print(f"  target {name:<64} {'PASS' if ok else 'FAIL'}")
     results.update({"python": args.python, "shim": shim_label, "parallel": args.parallel,
