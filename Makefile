@@ -31,8 +31,10 @@ test-vlankernel: deps
 
 bench: deps
 	$(PY) bench/hook_latency.py
+	$(PY) bench/restart_storm.py
 	$(PY) bench/reconcile_scale.py
 	$(PY) bench/rx_sync_latency.py
+	$(PY) bench/libvirtd_restart.py
 
 deps: host-packages $(STAMP)
 
