@@ -24,7 +24,8 @@ Wall clock per process:
   start     the qemu shim for `vm1 start begin -` of a 4-NIC managed domain (4 static FDB
             entries + 4x learning/flood off, recorded in the state dir); before each run
             (untimed) the taps go back to learning/flood on without entries and the state dir
-            is emptied, so every run does the whole job, and after it the result is checked
+            is emptied but for cache/ (the parsed config, kept as on a host), so every run
+            does the whole job, and after it the result is checked
             with `bridge -j` (a run that did nothing fails the bench, not flatters it)
   sh        the same job as a plain sh script: per port `bridge fdb replace MAC dev TAP master
             static` + `bridge link set dev TAP learning off flood off` (iproute2), reset alike
@@ -42,6 +43,10 @@ parent's stamp after wait() minus that. The plain shim runs alternately, for com
 time of each module, ranked: what each import the hook path makes directly drags in, and
 where the self time is. Modules the interpreter imports before the script runs (`-X
 importtime -c pass`) are counted as interpreter start.
+
+--python debian@REV (e.g. debian,debian@main): the same Debian interpreter with git revision
+REV of this tree installed instead of the working tree, measured in the same rounds: an A/B
+of two versions in one run.
 
 Run as root:  .venv/bin/python bench/hook_latency.py [--runs 30] [--python debian,venv]
                   [--shims both|installed] [--breakdown] [--json FILE|-]
@@ -118,15 +123,23 @@ def build() -> None:
 
 def reset(state_dir: str | None) -> None:
     """Untimed: put every tap back to what libvirt leaves (flood/learning on, no entry), and
-    forget what netplug recorded."""
+    forget what netplug recorded. The state dir's cache/ (the parsed config) stays, as it
+    does on a host between two hooks."""
     cmds = []
     for i in range(NICS):
         cmds += [f"fdb del {guest_mac(i)} dev {tap(i)} master",
                  f"link set dev {tap(i)} learning on flood on"]
     subprocess.run(["bridge", "-force", "-batch", "-"], input="\n".join(cmds) + "\n",
                    text=True, capture_output=True)
-    if state_dir:
-        shutil.rmtree(state_dir, ignore_errors=True)
+    if state_dir and os.path.isdir(state_dir):
+        for entry in os.listdir(state_dir):
+            path = os.path.join(state_dir, entry)
+            if entry == "cache":
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
 
 
 def verify_applied() -> None:
@@ -148,14 +161,15 @@ class Setup:
 
     def __init__(self, name: str, python: str, tmp: str, config: str, which: str):
         self.name, self.python = name, python
-        self.state = os.path.join("/dev/shm", f"netplug-bench-{os.getpid()}-{name}")
-        hooks = os.path.join(tmp, f"hooks-{name}")
+        tag = hookenv.rev_tag(name)
+        self.state = os.path.join("/dev/shm", f"netplug-bench-{os.getpid()}-{tag}")
+        hooks = os.path.join(tmp, f"hooks-{tag}")
         installed = hookenv.install_hooks(python, hooks, config, self.state)
         self.interp = hookenv.shim_command(installed)[0]
         self.shims = {"installed": installed}
         if which == "both" or (which == "IS" and hookenv.form(installed) != "-IS"):
             self.shims["built"] = hookenv.other_form(installed,
-                                                     os.path.join(tmp, f"shim-{name}-built"))
+                                                     os.path.join(tmp, f"shim-{tag}-built"))
         if which == "IS" and hookenv.form(installed) != "-IS":
             del self.shims["installed"]
         self.forms = {k: hookenv.form(v) for k, v in self.shims.items()}
@@ -498,6 +512,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=30, help="timed rounds (default 30)")
     ap.add_argument("--python", default="debian,venv",
                     help="interpreters: debian (Debian's /usr/bin/python3, regular install), "
+                         "debian@REV (the same with git revision REV of this tree instead of "
+                         "the working tree: an A/B in one run), "
                          "venv (the project's .venv); default both")
     ap.add_argument("--shims", choices=("both", "installed"), default="both",
                     help="also time the installed shim's other form (-IS / -I), built by the "
