@@ -15,7 +15,6 @@ finds, static, on that very tap).
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, MutableMapping, TYPE_CHECKING
 
@@ -24,10 +23,19 @@ from .ops import DeleteFdb, Operation, SetPortFlags, ReplaceFdb
 from .plan import Observed, Plan, PortIntent, entry_vlans
 
 if TYPE_CHECKING:  # annotations only: the hook loads netlink only when it has work
+    from logging import Logger
+
+    from .hooklog import HookLogger
     from .kernel import Kernel, Link, PortVlans
     from .state import StateDir
 
-log = logging.getLogger(__name__)
+
+def _module_logger() -> Logger:
+    """The default logger (the agent's, reconcile's): logging's, imported only then — the
+    hooks pass their own (hooklog), and importing logging costs a hook ~12 ms."""
+    import logging
+
+    return logging.getLogger(__name__)
 
 
 # -- observing ----------------------------------------------------------------------------------
@@ -197,8 +205,8 @@ def _groups(ops: Iterable[Operation]) -> list[list[Operation]]:
 
 
 def apply(ops: Iterable[Operation], kernel: Kernel,
-          logger: logging.Logger | None = None) -> ApplyResult:
-    logger = logger or log
+          logger: Logger | HookLogger | None = None) -> ApplyResult:
+    logger = logger or _module_logger()
     result = ApplyResult()
     for group in _groups(ops):
         done: list[Operation] = []
@@ -227,7 +235,7 @@ def _fields(op: Operation) -> dict[str, Any]:
                         "device": op.device, "operation": op.kind}}
 
 
-def _rollback(done: list[Operation], kernel: Kernel, logger: logging.Logger,
+def _rollback(done: list[Operation], kernel: Kernel, logger: Logger | HookLogger,
               result: ApplyResult) -> None:
     for op in reversed(done):
         inv = op.inverse()
@@ -357,7 +365,7 @@ def record_ports(record: MutableMapping[str, Any], plan: Plan, observed: Observe
 
 
 def apply_recorded(kernel: Kernel, state: StateDir, name: str, record: dict[str, Any],
-                   plan: Plan, observed: Observed, logger: logging.Logger,
+                   plan: Plan, observed: Observed, logger: Logger | HookLogger,
                    extra: Mapping[str, Any] | None = None) -> ApplyResult:
     """Write ahead, apply, record (call under the state lock). ``record`` is updated in
     place to what the kernel now holds and written; ``extra`` fields go into the record."""

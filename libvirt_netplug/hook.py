@@ -30,13 +30,12 @@ STRICT_OPS = {"start", "started", "port-created"}
 
 
 class _Context:
-    def __init__(self, config: str | None, state_dir: str | None):
+    def __init__(self, config: str | None, state_dir: str | None, log):
         from .policy import Config, load_config
         from .state import StateDir
         from .errors import PolicyError
-        import logging
 
-        self.log = logging.getLogger("libvirt_netplug.hook")
+        self.log = log
         self.state = StateDir(state_dir)
         self.errors = 0
         self.config_error: str | None = None
@@ -393,16 +392,18 @@ def main(argv: list[str], stdin, stderr, *, kind: str | None = None,
     if kind == "qemu" and op in QEMU_IGNORED:
         _read_stdin(stdin)
         return 0
-    from . import logsetup
+    from . import hooklog
 
-    logsetup.setup(f"{kind or 'hook'}-hook", stderr)
-    import logging
+    # Not the logging module: its imports cost a hook more than its work (hooklog).
+    log = hooklog.setup(f"{kind or 'hook'}-hook", stderr)
+    try:
+        return _main(kind, obj, op, argv, stdin, config, state_dir, log)
+    finally:
+        log.close()
 
-    # A handler that cannot write (a full syslog socket) drops the record silently instead
-    # of printing its own traceback.
-    logging.raiseExceptions = False
 
-    log = logging.getLogger("libvirt_netplug.hook")
+def _main(kind: str, obj: str, op: str, argv: list[str], stdin, config: str | None,
+          state_dir: str | None, log) -> int:
     if kind not in ("qemu", "network"):
         log.error("unknown hook object %r (argv %s); expected to be run as the qemu or "
                   "network hook", kind, " ".join(argv[1:]))
@@ -414,9 +415,9 @@ def main(argv: list[str], stdin, stderr, *, kind: str | None = None,
                     obj or "?", op)
         return 0
     errors = _ErrorCounter()
-    log.parent.addHandler(errors)
+    log.addHandler(errors)
     rc = _handle(kind, obj, op, stdin, config, state_dir, log)
-    log.parent.removeHandler(errors)
+    log.removeHandler(errors)
     # What `netplug status` shows as this domain's (network's) last hook run. Best effort.
     from . import hookresult
     from .state import state_dir_path
@@ -434,7 +435,7 @@ def _handle(kind: str, obj: str, op: str, stdin, config: str | None, state_dir: 
     ctx = None
     try:
         data = _read_stdin(stdin)
-        ctx = _Context(config, state_dir)
+        ctx = _Context(config, state_dir, log)
         if kind == "qemu":
             _qemu(ctx, obj, op, data)
         else:
@@ -457,10 +458,10 @@ def _handle(kind: str, obj: str, op: str, stdin, config: str | None, state_dir: 
 
 
 class _ErrorCounter:
-    """A logging handler that only counts this run's errors and keeps the first (for the
-    hook's last result); duck-typed, so defining it costs nothing until a hook has work."""
+    """A log handler (hooklog) that only counts this run's errors and keeps the first (for
+    the hook's last result)."""
 
-    level = 40  # logging.ERROR
+    level = 40  # hooklog.ERROR
 
     def __init__(self):
         self.count = 0
@@ -575,11 +576,4 @@ def run(kind: str, *, config: str | None = None, state_dir: str | None = None) -
     except BaseException:  # noqa: BLE001 - by default nothing fails a libvirt operation
         rc = 0
     finally:
-        logging = sys.modules.get("logging")  # not imported for an event the hook ignores
-        if logging is not None:
-            for h in logging.getLogger("libvirt_netplug").handlers:
-                try:
-                    h.flush()
-                except Exception:  # noqa: BLE001
-                    pass
-        os._exit(rc)
+        os._exit(rc)  # nothing to flush: the hook's log writes each record as it comes

@@ -1,0 +1,71 @@
+"""What the installed hook imports, run as libvirtd runs it (issue 11: a hook's start-up is
+most of its cost, and each of these modules cost every hook milliseconds).
+
+The shim runs under its own interpreter with ``-X importtime`` added, against a real bridge
+in a namespace; the work is checked with iproute2 (a hook that did nothing would import
+little). Proves: the hook path — qemu start, an in-sync reconnect, stopped, a network's start
+— imports none of the modules it does without (``logging``: hooklog writes the log).
+"""
+
+from __future__ import annotations
+
+import re
+
+import oracle
+from fakes import bridge_iface, domain_xml, guest_mac, hookdata, network_xml, policy_xml, \
+    tap_mac
+
+from .topo import CONFIG
+
+A, B = guest_mac(1), guest_mac(2)
+# Modules the hook path must not import (each cost a hook milliseconds before it went).
+NOT_ON_THE_HOOK_PATH = ("logging",)
+_IMPORT_LINE = re.compile(r"^import time:\s+\d+\s+\|\s+\d+\s+\|\s*(\S+)\s*$")
+
+
+def run_importtime(ns, hooks, kind: str, obj: str, op: str, xml: str):
+    """(hook run, modules imported) of the installed shim, -X importtime added to its #!."""
+    from netns import HookRun
+
+    shim = hooks.shims[kind]
+    with open(shim) as f:
+        interp, *flags = f.readline()[2:].split()
+    argv = [interp, *flags, "-X", "importtime", shim, obj, op, "begin", "-"]
+    p = ns.run(hooks.env_argv(argv), input=xml.encode(), timeout=60, cwd="/")
+    lines = p.stderr.decode(errors="replace").splitlines()
+    modules = {m.group(1) for ln in lines if (m := _IMPORT_LINE.match(ln))}
+    said = "\n".join(ln for ln in lines if not ln.startswith("import time:")).encode()
+    return HookRun(argv, p.returncode, p.stdout, said, 0.0), modules
+
+
+def build(ns) -> str:
+    ns.add_bridge("br0")
+    ns.add_veth("up0", "up0p", master="br0")
+    ns.add_tap("vnet0", "br0", address=tap_mac(A))
+    ns.add_tap("vnet1", "br0", address=tap_mac(B))
+    return domain_xml("vm1", [bridge_iface("br0", "vnet0", A, "net0"),
+                              bridge_iface("br0", "vnet1", B, "net1")])
+
+
+def check(run, modules) -> None:
+    assert run.rc == 0 and run.stdout == b"" and not run.errors, run
+    assert "Traceback" not in run.stderr, run
+    assert modules, f"-X importtime printed nothing: {run}"
+    unwanted = sorted(set(NOT_ON_THE_HOOK_PATH) & modules)
+    assert not unwanted, f"{' '.join(run.argv[-4:])} imported {unwanted}"
+
+
+def test_the_hook_path_imports_none_of_what_it_does_without(ns, hooks):
+    hooks.write_config(CONFIG)
+    xml = build(ns)
+    check(*run_importtime(ns, hooks, "qemu", "vm1", "start", xml))
+    for tap, mac in (("vnet0", A), ("vnet1", B)):
+        assert mac in oracle.static_macs(ns.name, tap)
+        assert oracle.port_flags(ns.name, tap) == (False, False)
+    check(*run_importtime(ns, hooks, "qemu", "vm1", "reconnect", xml))
+    net = hookdata(network_xml("mgd", "nbr0", metadata=policy_xml(promiscLinks="no")))
+    check(*run_importtime(ns, hooks, "network", "mgd", "started", net))
+    check(*run_importtime(ns, hooks, "qemu", "vm1", "stopped", xml))
+    for tap, mac in (("vnet0", A), ("vnet1", B)):
+        assert mac not in oracle.static_macs(ns.name, tap)
+        assert oracle.port_flags(ns.name, tap) == (True, True)
