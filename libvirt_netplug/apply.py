@@ -15,12 +15,12 @@ finds, static, on that very tap).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, MutableMapping, TYPE_CHECKING
 
 from .errors import DeviceGone, NetplugError, NotSupported
 from .ops import DeleteFdb, Operation, SetPortFlags, ReplaceFdb
 from .plan import Observed, Plan, PortIntent, entry_vlans
+from .values import field, mutable
 
 if TYPE_CHECKING:  # annotations only: the hook loads netlink only when it has work
     from logging import Logger
@@ -171,7 +171,7 @@ def _vlans_of(kernel: Kernel, links: Mapping[str, Link]) -> dict[str, PortVlans]
 # -- applying ----------------------------------------------------------------------------------
 
 
-@dataclass
+@mutable
 class ApplyResult:
     applied: list[Operation] = field(default_factory=list)  # ops of ports that fully succeeded
     errors: list[tuple[Operation, NetplugError]] = field(default_factory=list)

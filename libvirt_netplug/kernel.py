@@ -12,14 +12,14 @@ import errno
 import fcntl
 import socket
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import netlink as nl
 from .errors import DeviceGone, KernelError, NotSupported, kernel_error
+from .values import frozen
 
 
-@dataclass(frozen=True)
+@frozen
 class Link:
     name: str
     index: int
@@ -39,7 +39,7 @@ class Link:
     macvlan_mode: str | None = None
 
 
-@dataclass(frozen=True)
+@frozen
 class FdbEntry:
     """One entry of a bridge's forwarding table (NTF_MASTER), or of a device's own lists."""
 
@@ -58,7 +58,7 @@ class FdbEntry:
         return self.sort_key() < other.sort_key()
 
 
-@dataclass(frozen=True)
+@frozen
 class PortVlans:
     """The VLANs a bridge port is a member of (bridge VLAN filtering's per-port table)."""
 

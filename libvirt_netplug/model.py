@@ -1,18 +1,18 @@
 """Typed model of the libvirt XML netplug reads: domains, networks, network ports.
 
-Frozen dataclasses filled from an explicit table of XPaths, with small converters. No host
+Frozen value classes (values.frozen) filled from an explicit table of XPaths, with small converters. No host
 probing here: the model is what the XML says, validated (MACs, interface names), nothing more.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 from lxml import etree
 
 from .errors import InputError, PolicyError
 from .policy import NS, Policy, policy_from_element, policy_from_mapping
+from .values import field, frozen
 from .xmlsafe import parse_xml
 
 _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
@@ -65,7 +65,7 @@ def _yes(value: str | None) -> bool:
     return value == "yes"
 
 
-@dataclass(frozen=True)
+@frozen
 class Interface:
     index: int  # position among the domain's <interface> elements
     type: str  # bridge, network, direct, ethernet, hostdev, user, vhostuser, ...
@@ -92,7 +92,7 @@ class Interface:
                                           and self.source_bridge is None)
 
 
-@dataclass(frozen=True)
+@frozen
 class Domain:
     name: str
     uuid: str | None
@@ -107,7 +107,7 @@ class Domain:
         return Policy()
 
 
-@dataclass(frozen=True)
+@frozen
 class Network:
     name: str
     uuid: str | None
@@ -144,7 +144,7 @@ class Network:
                    policy_error=error)
 
 
-@dataclass(frozen=True)
+@frozen
 class NetworkPort:
     network: Network
     uuid: str | None

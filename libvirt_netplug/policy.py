@@ -11,11 +11,11 @@ Sources, lowest precedence first (each later source overrides the fields it sets
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any, Mapping
 
 from .errors import PolicyError
+from .values import field, fields, frozen
 
 NS = "urn:x-libvirt-netplug:1"
 DEFAULT_CONFIG = "/etc/libvirt-netplug/config.toml"
@@ -29,7 +29,7 @@ MAX_CONFIG_BYTES = 256 * 1024  # every hook reads it: a real config is a few hun
 _BOOL_WORDS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
 
 
-@dataclass(frozen=True)
+@frozen
 class Policy:
     """A (partial) policy: None means "not set here", so layers can be merged."""
 
@@ -161,7 +161,7 @@ def policy_from_element(el, where: str) -> Policy:
     return policy_from_mapping(attrs, where)
 
 
-@dataclass(frozen=True)
+@frozen
 class Config:
     """The host config file: policies for host bridges and macvtap lower devices."""
 
