@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 from functools import cached_property
-from typing import Any, Mapping
 
 from .errors import PolicyError
 from .values import field, fields, frozen
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms a hook)
+if TYPE_CHECKING:
+    from typing import Any, Mapping
 
 NS = "urn:x-libvirt-netplug:1"
 DEFAULT_CONFIG = "/etc/libvirt-netplug/config.toml"

@@ -29,9 +29,12 @@ import json
 import os
 import stat
 import time
-from typing import Any, Iterator
 
 from .errors import StateError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms a hook)
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 DEFAULT_STATE_DIR = "/run/libvirt-netplug"
 LOCK_TIMEOUT = 10.0

@@ -4,7 +4,8 @@ most of its cost, and each of these modules cost every hook milliseconds).
 The shim runs under its own interpreter with ``-X importtime`` added, against a real bridge
 in a namespace; the work is checked with iproute2 (a hook that did nothing would import
 little). Proves: the hook path — qemu start, an in-sync reconnect, stopped, a network's start
-— imports none of the modules it does without (``logging``: hooklog writes the log).
+— imports none of the modules it does without (``logging``: hooklog writes the log;
+``dataclasses``, ``inspect``: values; ``typing``).
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from .topo import CONFIG
 
 A, B = guest_mac(1), guest_mac(2)
 # Modules the hook path must not import (each cost a hook milliseconds before it went);
-# what lxml (the hook's parser, required) imports itself is lxml's doing (pip's lxml 6
-# imports inspect).
-NOT_ON_THE_HOOK_PATH = ("logging", "dataclasses", "inspect")
+# what lxml (the hook's parser, required) imports itself is lxml's doing (lxml 4.9 and 6
+# import inspect), and what tomllib does, tomllib's (typing, where there is a config file).
+NOT_ON_THE_HOOK_PATH = ("logging", "dataclasses", "inspect", "typing")
+THEIR_OWN = ("lxml", "tomllib")
 _IMPORT_LINE = re.compile(r"^import time:\s+\d+\s+\|\s+\d+\s+\|( *)(\S+)\s*$")
 
 
 def _modules(lines: list[str]) -> set[str]:
-    """The modules -X importtime reports, but those lxml imports itself (it prints each
-    module after the ones it imported, one level deeper)."""
+    """The modules -X importtime reports, but what lxml and tomllib import themselves (it
+    prints each module after the ones it imported, one level deeper); tomllib itself is
+    reported."""
     pending: dict[int, list[str]] = {}  # level -> subtrees waiting for their importer
     for ln in lines:
         m = _IMPORT_LINE.match(ln)
@@ -35,8 +38,9 @@ def _modules(lines: list[str]) -> set[str]:
             continue
         level, name = len(m.group(1)) // 2, m.group(2)
         subtree = [name, *pending.pop(level + 1, [])]
-        if name.split(".")[0] != "lxml":
-            pending.setdefault(level, []).extend(subtree)
+        if name.split(".")[0] in THEIR_OWN:
+            subtree = [name] if name == "tomllib" else []
+        pending.setdefault(level, []).extend(subtree)
     return {name for names in pending.values() for name in names}
 
 
