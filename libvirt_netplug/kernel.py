@@ -80,66 +80,6 @@ if TYPE_CHECKING:  # the interface, for type checkers; a Protocol class costs ev
         def fdb_get(self, bridge: str, mac: str, vlan: int | None = None) -> FdbEntry | None: ...
         def port_vlans(self, port: str) -> PortVlans: ...
         def all_port_vlans(self) -> dict[str, PortVlans]: ...
-        def fdb_get(self, bridge: str, mac: str, vlan: int | None = None) -> FdbEntry | None:
-            """The bridge's entry for (mac, vlan) on whatever port it is, or None: one request
-            (what `bridge fdb get MAC br BR [vlan V]` does), whatever the size of the table."""
-            br = self._index("read fdb entry", bridge)
-            body = nl.ndmsg(nl.AF_BRIDGE, 0, 0, 0) + nl.nla(nl.NDA_LLADDR, nl.mac_bytes(mac)) + \
-                nl.nla_u32(nl.NDA_MASTER, br)
-            if vlan is not None:
-                body += nl.nda_vlan(vlan)
-            try:
-                buf, a, b = self._nl.get(nl.RTM_GETNEIGH, body)
-            except nl.NetlinkError as e:
-                if e.errno == errno.ENOENT:
-                    return None
-                raise kernel_error(f"read fdb entry {mac}", bridge, e.errno) from e
-            n = nl.parse_neigh(buf, a, b)
-            if n is None:
-                return None
-            if n.ifindex == br:
-                port = bridge
-            else:
-                port = self._names.get(n.ifindex)
-                if port is None:
-                    try:
-                        port = socket.if_indextoname(n.ifindex)
-                    except OSError:
-                        return None  # the port vanished while we asked
-                    self._names[n.ifindex] = port
-            return FdbEntry(port, n.mac, n.vlan, _fdb_state(n.state, n.flags),
-                            sticky=bool(n.flags & nl.NTF_STICKY),
-                            extern_learn=bool(n.flags & nl.NTF_EXT_LEARNED))
-
-        def _vlan_dump(self, op: str, device: str, ifindex: int) -> list[nl.VlanMsg]:
-            try:
-                msgs = self._nl.dump(nl.RTM_GETVLAN, nl.br_vlan_msg(ifindex))
-            except nl.NetlinkError as e:
-                raise kernel_error(op, device, e.errno) from e
-            return [nl.parse_vlan(buf, a, b) for t, buf, a, b in msgs if t == nl.RTM_NEWVLAN]
-
-        def port_vlans(self, port: str) -> PortVlans:
-            """The VLANs ``port`` is in (empty without any): one filtered RTM_GETVLAN dump.
-            NotSupported on kernels without bridge VLAN filtering."""
-            idx = self._index("read port vlans", port)
-            for m in self._vlan_dump("read port vlans", port, idx):
-                if m.ifindex == idx:
-                    return PortVlans(m.vids, m.pvid, m.untagged)
-            return PortVlans(frozenset())
-
-        def all_port_vlans(self) -> dict[str, PortVlans]:
-            """Every device's VLANs in one dump (reconcile), by name (``links()`` names them)."""
-            out = {}
-            for m in self._vlan_dump("read port vlans", "all links", 0):
-                name = self._names.get(m.ifindex)
-                if name is None:
-                    try:
-                        name = socket.if_indextoname(m.ifindex)
-                    except OSError:
-                        continue
-                out[name] = PortVlans(m.vids, m.pvid, m.untagged)
-            return out
-
         def device_addresses(self, dev: str) -> tuple[list[str], list[str]]: ...
         def replace_fdb(self, port: str, mac: str, vlan: int | None = None,
                         sticky: bool = False) -> None: ...
