@@ -40,7 +40,7 @@ class _Context:
         self.errors = 0
         self.config_error: str | None = None
         try:
-            self.config = load_config(config)
+            self.config = load_config(config, cache=self.state)
         except PolicyError as e:
             # Fail closed: a broken config must neither stop guests from starting nor turn
             # isolation off for the running ones. Ports it decides for are held as they are.

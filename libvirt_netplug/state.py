@@ -8,6 +8,8 @@ Layout (default /run/libvirt-netplug, env NETPLUG_STATE_DIR):
   ports/TAP.json        which domain's record holds a tap (an index: a hook checks one file,
                         not every domain's record, before it touches a port)
   once/KEY              markers for "log this once" messages
+  cache/config.json     the config file as last parsed, keyed by its inode and timestamps
+                        (policy.load_config: a hook parses TOML only when the file changed)
 
 Every write is atomic (temp file + rename) and every read-modify-write happens under the
 lock, so hooks for different domains on one bridge running at once never lose each other's
@@ -315,7 +317,28 @@ class StateDir:
         """Read a JSON document under the state dir with the records' checks (None: absent)."""
         return self._load(path)
 
-    def _write(self, sub: str, name: str, data: dict[str, Any]) -> None:
+    # -- caches ------------------------------------------------------------------------
+
+    def read_cache(self, name: str) -> Any:
+        """A document of cache/, or None: absent, unreadable or not trusted (whoever can
+        write it would decide for netplug), all meaning "recompute"."""
+        try:
+            if not self._trusted_dir("cache"):
+                return None
+            return self._load(os.path.join(self.path, "cache", _fname(name)))
+        except StateError:
+            return None
+
+    def write_cache(self, name: str, doc: dict[str, Any]) -> None:
+        """Write a document of cache/ (atomically, as the records); best effort."""
+        try:
+            json.dumps(doc)  # what JSON cannot hold is not cached (and leaves no temp file)
+            self._write("cache", name, doc, sort_keys=False)
+        except (StateError, TypeError, ValueError, RecursionError):
+            pass
+
+    def _write(self, sub: str, name: str, data: dict[str, Any], sort_keys: bool = True
+               ) -> None:
         self._ensure(self.path)
         d = self.path
         for part in sub.split("/"):
@@ -329,7 +352,7 @@ class StateDir:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
                          os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
+                json.dump(data, f, indent=1, sort_keys=sort_keys)
             os.replace(tmp, os.path.join(d, _fname(name)))
         except OSError as e:
             if tmp is not None:

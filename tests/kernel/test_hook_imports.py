@@ -5,12 +5,15 @@ The shim runs under its own interpreter with ``-X importtime`` added, against a 
 in a namespace; the work is checked with iproute2 (a hook that did nothing would import
 little). Proves: the hook path — qemu start, an in-sync reconnect, stopped, a network's start
 — imports none of the modules it does without (``logging``: hooklog writes the log;
-``dataclasses``, ``inspect``: values; ``typing``).
+``dataclasses``, ``inspect``: values; ``typing``), and ``tomllib`` only when the config file
+changed (the state dir keeps it parsed): a change, even of the same size, is applied.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import time
 
 import oracle
 from fakes import bridge_iface, domain_xml, guest_mac, hookdata, network_xml, policy_xml, \
@@ -21,7 +24,7 @@ from .topo import CONFIG
 A, B = guest_mac(1), guest_mac(2)
 # Modules the hook path must not import (each cost a hook milliseconds before it went);
 # what lxml (the hook's parser, required) imports itself is lxml's doing (lxml 4.9 and 6
-# import inspect), and what tomllib does, tomllib's (typing, where there is a config file).
+# import inspect), and what tomllib does, tomllib's (typing; only when the config changed).
 NOT_ON_THE_HOOK_PATH = ("logging", "dataclasses", "inspect", "typing")
 THEIR_OWN = ("lxml", "tomllib")
 _IMPORT_LINE = re.compile(r"^import time:\s+\d+\s+\|\s+\d+\s+\|( *)(\S+)\s*$")
@@ -68,25 +71,54 @@ def build(ns) -> str:
                               bridge_iface("br0", "vnet1", B, "net1")])
 
 
-def check(run, modules) -> None:
+def check(run, modules, *, toml: bool = False) -> None:
     assert run.rc == 0 and run.stdout == b"" and not run.errors, run
     assert "Traceback" not in run.stderr, run
     assert modules, f"-X importtime printed nothing: {run}"
     unwanted = sorted(set(NOT_ON_THE_HOOK_PATH) & modules)
     assert not unwanted, f"{' '.join(run.argv[-4:])} imported {unwanted}"
+    assert ("tomllib" in modules) is toml, \
+        f"{' '.join(run.argv[-4:])}: tomllib {'not ' if toml else ''}imported"
+
+
+def write_settled_config(hooks, text: str) -> None:
+    """The config, old enough to be cached (policy.CACHE_SETTLE_NS): a file changed within
+    its timestamps' granularity is parsed again by every hook until then."""
+    from libvirt_netplug.policy import CACHE_SETTLE_NS
+
+    hooks.write_config(text)
+    age = time.time_ns() - os.stat(hooks.config).st_ctime_ns
+    time.sleep(max(0.0, (CACHE_SETTLE_NS - age) / 1e9 + 0.1))
+
+
+def managed(ns) -> dict:
+    return {tap: (mac in oracle.static_macs(ns.name, tap), oracle.port_flags(ns.name, tap))
+            for tap, mac in (("vnet0", A), ("vnet1", B))}
 
 
 def test_the_hook_path_imports_none_of_what_it_does_without(ns, hooks):
-    hooks.write_config(CONFIG)
     xml = build(ns)
-    check(*run_importtime(ns, hooks, "qemu", "vm1", "start", xml))
-    for tap, mac in (("vnet0", A), ("vnet1", B)):
-        assert mac in oracle.static_macs(ns.name, tap)
-        assert oracle.port_flags(ns.name, tap) == (False, False)
+    write_settled_config(hooks, CONFIG)
+    # The first hook parses the config (and caches it); the others do not parse it again.
+    check(*run_importtime(ns, hooks, "qemu", "vm1", "start", xml), toml=True)
+    assert managed(ns) == {"vnet0": (True, (False, False)), "vnet1": (True, (False, False))}
     check(*run_importtime(ns, hooks, "qemu", "vm1", "reconnect", xml))
     net = hookdata(network_xml("mgd", "nbr0", metadata=policy_xml(promiscLinks="no")))
     check(*run_importtime(ns, hooks, "network", "mgd", "started", net))
     check(*run_importtime(ns, hooks, "qemu", "vm1", "stopped", xml))
-    for tap, mac in (("vnet0", A), ("vnet1", B)):
-        assert mac not in oracle.static_macs(ns.name, tap)
-        assert oracle.port_flags(ns.name, tap) == (True, True)
+    assert managed(ns) == {"vnet0": (False, (True, True)), "vnet1": (False, (True, True))}
+
+
+def test_a_changed_config_is_parsed_again(ns, hooks):
+    xml = build(ns)
+    write_settled_config(hooks, CONFIG)
+    check(*run_importtime(ns, hooks, "qemu", "vm1", "start", xml), toml=True)
+    check(*run_importtime(ns, hooks, "qemu", "vm1", "reconnect", xml))
+    assert managed(ns)["vnet0"] == (True, (False, False))
+    # The operator lets br0 go: rewritten in place, same size ("on" for "no"): only the
+    # timestamps tell the change.
+    write_settled_config(hooks, CONFIG.replace('"no"', '"on"'))
+    assert os.path.getsize(hooks.config) == len(CONFIG)
+    check(*run_importtime(ns, hooks, "qemu", "vm1", "reconnect", xml), toml=True)
+    assert managed(ns) == {"vnet0": (False, (True, True)), "vnet1": (False, (True, True))}
+    check(*run_importtime(ns, hooks, "qemu", "vm1", "reconnect", xml))
