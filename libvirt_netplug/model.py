@@ -1,19 +1,18 @@
 """Typed model of the libvirt XML netplug reads: domains, networks, network ports.
 
-Frozen value classes (values.frozen) filled from an explicit table of XPaths, with small converters. No host
-probing here: the model is what the XML says, validated (MACs, interface names), nothing more.
+Frozen value classes (values.frozen) filled from an explicit table of XPaths, with small
+converters. No host probing here: the model is what the XML says, validated (MACs, interface
+names), nothing more.
 """
 
 from __future__ import annotations
 
 import re
 
-from lxml import etree
-
 from .errors import InputError, PolicyError
 from .policy import NS, Policy, policy_from_element, policy_from_mapping
 from .values import field, frozen
-from .xmlsafe import parse_xml
+from .xmlsafe import etree, parse_xml
 
 _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 IFNAMSIZ = 16
