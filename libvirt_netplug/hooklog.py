@@ -134,9 +134,9 @@ def format_exception(exc_info) -> str:
 
 def unix_dgram_socket(connect: str | None = None, kind: int | None = None):
     """A non-blocking AF_UNIX socket (datagram by default), connected to ``connect``."""
-    import socket
+    import _socket  # socket's C module: importing socket costs a hook ~2 ms
 
-    sock = socket.socket(socket.AF_UNIX, (kind or socket.SOCK_DGRAM) | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, (kind or _socket.SOCK_DGRAM) | _socket.SOCK_CLOEXEC)
     try:
         if connect is not None:
             sock.connect(connect)
@@ -239,9 +239,9 @@ class SyslogSink:
         try:
             return unix_dgram_socket(self.path)
         except OSError:
-            import socket
+            import _socket
 
-            return unix_dgram_socket(self.path, socket.SOCK_STREAM)
+            return unix_dgram_socket(self.path, _socket.SOCK_STREAM)
 
     def handle(self, record: Record) -> None:
         try:

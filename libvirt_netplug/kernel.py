@@ -8,9 +8,9 @@ that name the device and the operation; EEXIST on an add and ENOENT on a delete 
 
 from __future__ import annotations
 
+import _socket  # socket's C module: importing socket costs every hook ~2 ms
 import errno
 import fcntl
-import socket
 import struct
 
 from . import netlink as nl
@@ -114,7 +114,7 @@ class NetlinkKernel:
 
     def __init__(self, timeout: float = 2.0):
         self._nl = nl.Netlink(timeout)
-        self._ioctl_sock: socket.socket | None = None
+        self._ioctl_sock: _socket.socket | None = None
         self._names: dict[int, str] = {}  # ifindex -> name, from links() and bridge_ports()
 
     def close(self) -> None:
@@ -133,7 +133,7 @@ class NetlinkKernel:
     @staticmethod
     def _index(op: str, name: str) -> int:
         try:
-            return socket.if_nametoindex(name)
+            return _socket.if_nametoindex(name)
         except OSError as e:
             raise kernel_error(op, name, e.errno or errno.ENODEV) from e
 
@@ -190,7 +190,7 @@ class NetlinkKernel:
         names = {}
         if m.master:
             try:
-                names[m.master] = socket.if_indextoname(m.master)
+                names[m.master] = _socket.if_indextoname(m.master)
             except OSError:
                 pass
         return self._to_link(m, names)
@@ -229,7 +229,7 @@ class NetlinkKernel:
                 continue
             if n.ifindex not in names:
                 try:
-                    names[n.ifindex] = socket.if_indextoname(n.ifindex)
+                    names[n.ifindex] = _socket.if_indextoname(n.ifindex)
                 except OSError:
                     continue  # the port vanished while we read
             out.append(FdbEntry(names[n.ifindex], n.mac, n.vlan, _fdb_state(n.state, n.flags),
@@ -260,7 +260,7 @@ class NetlinkKernel:
             port = self._names.get(n.ifindex)
             if port is None:
                 try:
-                    port = socket.if_indextoname(n.ifindex)
+                    port = _socket.if_indextoname(n.ifindex)
                 except OSError:
                     return None  # the port vanished while we asked
                 self._names[n.ifindex] = port
@@ -291,7 +291,7 @@ class NetlinkKernel:
             name = self._names.get(m.ifindex)
             if name is None:
                 try:
-                    name = socket.if_indextoname(m.ifindex)
+                    name = _socket.if_indextoname(m.ifindex)
                 except OSError:
                     continue
             out[name] = PortVlans(m.vids, m.pvid, m.untagged)
@@ -372,7 +372,8 @@ class NetlinkKernel:
 
     def _ioctl(self, op: str, request: int, dev: str, mac: str, ok: tuple[int, ...]) -> bool:
         if self._ioctl_sock is None:
-            self._ioctl_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._ioctl_sock = _socket.socket(_socket.AF_INET,
+                                              _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
         ifr = _IFREQ_HWADDR.pack(dev.encode(), 0, nl.mac_bytes(mac).ljust(14, b"\0"))
         try:
             fcntl.ioctl(self._ioctl_sock.fileno(), request, ifr)

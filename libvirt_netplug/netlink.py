@@ -13,11 +13,14 @@ turns them into our own exceptions that name the device.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
-import socket
 import struct
 from collections import namedtuple
+
+# _socket, the C module the socket module wraps (with enums and helpers netplug does not
+# use): importing socket costs every hook ~2 ms.
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms a hook)
 if TYPE_CHECKING:
@@ -357,11 +360,11 @@ class Netlink:
     RECV_SIZE = 1 << 17
 
     def __init__(self, timeout: float = 2.0):
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                   0)  # NETLINK_ROUTE
+        self._sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC,
+                                    0)  # NETLINK_ROUTE
         self._sock.settimeout(timeout)
         # Large dumps (2,000 ports) arrive faster than we parse; a bigger buffer avoids ENOBUFS.
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        self._sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 1 << 21)
         self._sock.bind((0, 0))
         self._seq = 0
 
@@ -384,7 +387,7 @@ class Netlink:
     def _recv(self) -> bytes:
         try:
             return self._sock.recv(self.RECV_SIZE)
-        except socket.timeout:
+        except TimeoutError:  # socket.timeout
             raise NetlinkError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT)) from None
 
     def _messages(self, seq: int) -> Iterator[tuple[int, int, bytes, int, int]]:
