@@ -14,11 +14,10 @@ finds, static, on that very tap).
 
 from __future__ import annotations
 
-import copy
-
 from .errors import DeviceGone, NetplugError, NotSupported
 from .ops import DeleteFdb, Operation, SetPortFlags, ReplaceFdb
 from .plan import Observed, Plan, PortIntent, entry_vlans
+from .state import copy_record
 from .values import field, mutable
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms a hook)
@@ -309,7 +308,7 @@ def records_ahead(record: Mapping[str, Any], plan: Plan, observed: Observed
             (isinstance(op, SetPortFlags) and op.learning is False and op.flood is False)]
     if not adds:
         return None
-    ahead = copy.deepcopy(dict(record))
+    ahead = copy_record(dict(record))
     ports = ahead.setdefault("ports", {})
     managed = _managed_ports(plan, observed)
     for op in adds:
@@ -370,7 +369,7 @@ def apply_recorded(kernel: Kernel, state: StateDir, name: str, record: dict[str,
                    extra: Mapping[str, Any] | None = None) -> ApplyResult:
     """Write ahead, apply, record (call under the state lock). ``record`` is updated in
     place to what the kernel now holds and written; ``extra`` fields go into the record."""
-    previous = copy.deepcopy(record)
+    previous = copy_record(record)
     ahead = records_ahead(record, plan, observed)
     if ahead is not None:
         ahead.update(extra or {})

@@ -122,10 +122,10 @@ def _sync_ports(ctx: _Context, name: str, intents: list, op: str, *,
 
     ``records_of(record)`` picks the port records this run may change (default: all).
     """
-    import copy
     from .apply import ApplyResult, apply_recorded, observe_ports, record_ports
     from .kernel import NetlinkKernel
     from .plan import plan_ports
+    from .state import copy_record
 
     pick = records_of or (lambda rec: rec.get("ports") or {})
     record = _own_record(ctx, name)
@@ -142,7 +142,7 @@ def _sync_ports(ctx: _Context, name: str, intents: list, op: str, *,
         observed = observe_ports(kernel, intents, pick(record), owner_of)
         plan = plan_ports(intents, observed, pick(record))
         if not plan.ops:
-            after = copy.deepcopy(record)
+            after = copy_record(record)
             record_ports(after, plan, observed, ApplyResult())
             after.update(extra or {})
             if after == record or (not after.get("ports") and not record.get("ports")
