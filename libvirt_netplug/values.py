@@ -13,7 +13,9 @@ and creating a frozen dataclass costs ~0.3 ms (an exec per method); the hook cre
 these classes on every run. Here a class costs one small exec (its ``__init__``); ``__eq__``,
 ``__hash__`` and ``__repr__`` are closures over its field names. Instances are laid out as a
 frozen dataclass's (reconcile builds a Link and an FdbEntry per port: their creation and
-reads must not get slower); __init__ is ~15% faster.
+reads must not get slower); __init__ is ~15% faster. The hook path's classes do not even
+compile their __init__ (~0.1 ms each, and ~0.6 ms for the first compile of a process): it
+is written out in _inits.py, and used when its parameters are the class's fields.
 
 The operator side (status, doctor, the agent, sync, reconcile…) may keep dataclasses.
 """
@@ -83,35 +85,132 @@ def _fields_of(cls) -> dict[str, Field]:
     return out
 
 
-def _make_init(cls, fields: dict[str, Field]):
-    # object.__setattr__ per field (what a frozen dataclass does, minus an attribute lookup
-    # per field): the values stay in the instance's inline storage, where attribute reads
-    # are fastest. Storing into self.__dict__ instead would make __init__ 2x faster but
-    # every later read 2x slower (a materialized dict), and the instance 40% bigger.
-    params, body, env = [], [], {"MISSING": MISSING, "_sa": object.__setattr__}
+def init_source(fields: dict[str, Field], name: str, default_text) -> str:
+    """The source of an __init__ for ``fields`` named ``name``; ``default_text(name,
+    field)`` writes a field's default value.
+
+    object.__setattr__ per field (what a frozen dataclass does, minus an attribute lookup
+    per field): the values stay in the instance's inline storage, where attribute reads are
+    fastest. Storing into self.__dict__ instead would make __init__ 2x faster but every
+    later read 2x slower (a materialized dict), and the instance 40% bigger."""
+    params, body = [], []
     seen_default = False
-    for name, f in fields.items():
+    for field_name, f in fields.items():
+        value = field_name
         if f.default is not MISSING:
-            env[f"_d_{name}"] = f.default
-            params.append(f"{name}=_d_{name}")
-            body.append(f"    _sa(self, {name!r}, {name})")
+            params.append(f"{field_name}={default_text(field_name, f)}")
             seen_default = True
         elif f.default_factory is not MISSING:
-            env[f"_f_{name}"] = f.default_factory
-            params.append(f"{name}=MISSING")
-            body.append(f"    _sa(self, {name!r}, _f_{name}() if {name} is MISSING else {name})")
+            params.append(f"{field_name}=MISSING")
+            value = (f"default_of(self, {field_name!r}) if {field_name} is MISSING "
+                     f"else {field_name}")
             seen_default = True
         else:
             if seen_default:
-                raise TypeError(f"non-default argument {name!r} follows default argument")
-            params.append(name)
-            body.append(f"    _sa(self, {name!r}, {name})")
-    src = (f"def __init__(self, {', '.join(params)}):\n"
-           + ("\n".join(body) or "    pass") + "\n")
-    exec(compile(src, f"<values {cls.__module__}.{cls.__qualname__}>", "exec"), env)
-    fn = env["__init__"]
+                raise TypeError(f"non-default argument {field_name!r} follows default "
+                                f"argument")
+            params.append(field_name)
+        line = f"    _sa(self, {field_name!r}, {value})\n"
+        if len(line) > 100:
+            line = f"    _sa(self, {field_name!r},\n        {value})\n"
+        body.append(line)
+    return f"def {name}(self, {', '.join(params)}):\n" + ("".join(body) or "    pass\n")
+
+
+def default_of(obj, name: str):
+    """A new default value for field ``name`` of ``obj`` (its default_factory's)."""
+    return type(obj).__value_fields__[name].default_factory()
+
+
+def _make_init(cls, fields: dict[str, Field]):
+    fn = _prebuilt_init(cls, fields)
+    if fn is None:
+        env = {"MISSING": MISSING, "_sa": object.__setattr__, "default_of": default_of}
+        env.update((f"_d_{n}", f.default) for n, f in fields.items()
+                   if f.default is not MISSING)
+        src = init_source(fields, "__init__", lambda n, _f: f"_d_{n}")
+        exec(compile(src, f"<values {cls.__module__}.{cls.__qualname__}>", "exec"), env)
+        fn = env["__init__"]
     fn.__qualname__ = f"{cls.__qualname__}.__init__"
     return fn
+
+
+def prebuilt_name(cls) -> str:
+    """The name of a class's __init__ in _inits.py: module (without the package) and
+    qualified name, e.g. ``kernel__Link``."""
+    return f"{cls.__module__.rpartition('.')[2]}__{cls.__qualname__.replace('.', '_')}"
+
+
+def _prebuilt_init(cls, fields: dict[str, Field]):
+    """The class's __init__ from _inits.py if it is there and takes exactly these fields
+    with these defaults (else None: the class compiles its own)."""
+    if not cls.__module__.startswith(__package__ + "."):
+        return None
+    try:
+        from . import _inits
+    except ImportError:  # not there (an old install): every class compiles its own
+        return None
+    fn = getattr(_inits, prebuilt_name(cls), None)
+    if fn is None:
+        return None
+    code = fn.__code__
+    want = tuple(fields)
+    defaults = tuple((type(f.default), f.default) if f.default is not MISSING else MISSING
+                     for f in fields.values()
+                     if f.default is not MISSING or f.default_factory is not MISSING)
+    have = tuple(MISSING if d is MISSING else (type(d), d) for d in fn.__defaults__ or ())
+    if code.co_varnames[1:code.co_argcount] != want or code.co_kwonlyargcount or \
+            have != defaults:
+        return None
+    return fn
+
+
+PREBUILT_HEADER = '''"""The __init__ of each value class of the hook path, written out (generated: do not edit).
+
+values.frozen/values.mutable take a class's __init__ from here when its parameters and
+defaults are the class's fields, instead of compiling one: compiling them cost every hook
+~2.5 ms. One that no longer fits is not used (the class compiles its own, as any other
+value class does), and tests/unit/test_values.py fails until this file is written again:
+    NETPLUG_REGEN_INITS=1 .venv/bin/python -m pytest tests/unit/test_values.py
+"""
+
+from .values import MISSING, default_of
+
+_sa = object.__setattr__
+'''
+
+
+def prebuilt_source(classes) -> str:
+    """The text of _inits.py for ``classes`` (value classes of this package)."""
+    def literal(name: str, f: Field) -> str:
+        text = repr(f.default)
+        if type(eval(text, {})) is not type(f.default) or eval(text, {}) != f.default:
+            raise ValueError(f"default of {name} has no literal form: {text}")
+        return text
+
+    parts = [PREBUILT_HEADER]
+    for cls in classes:
+        src = init_source(cls.__value_fields__, prebuilt_name(cls), literal)
+        head, _, body = src.partition("\n")
+        parts.append("\n\n" + _wrap(head) + "\n" + body)
+    return "".join(parts)
+
+
+def _wrap(line: str, width: int = 99) -> str:
+    """A def line cut at commas to ``width`` columns, continued under its first parameter."""
+    if len(line) <= width:
+        return line
+    indent = " " * (line.index("(") + 1)
+    out, cur = [], ""
+    for piece in line.split(", "):
+        candidate = f"{cur}, {piece}" if cur else piece
+        if len(candidate) + (len(indent) if out else 0) > width - 1 and cur:
+            out.append(cur + ",")
+            cur = piece
+        else:
+            cur = candidate
+    out.append(cur)
+    return ("\n" + indent).join(out)
 
 
 def _key(names: tuple[str, ...]):

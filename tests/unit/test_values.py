@@ -7,14 +7,20 @@ refused), equality (same class only; a compare=False field ignored), hash, repr,
 immutability (FrozenInstanceError, an AttributeError), ClassVar annotations left out,
 inheritance (a subclass's fields after its base's, a base's default overridden), replace(),
 fields(), asdict(), cached_property, copy/deepcopy/pickle; the mutable form is unhashable and
-assignable; the hook path's classes are built with it.
+assignable; the hook path's classes are built with it, each with its __init__ from _inits.py
+(none compiled at import), which is what values would generate for it today; a prebuilt
+__init__ whose parameters or defaults no longer fit its class is not used.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
+import inspect
+import os
 import pickle
+import types
 from functools import cached_property
 from typing import ClassVar
 
@@ -171,3 +177,58 @@ def test_the_hook_path_classes_are_values():
                 model.Network, model.NetworkPort, ops.Context, ops.ReplaceFdb, plan.Observed,
                 plan.Plan, plan.PortIntent, policy.Policy, policy.Config):
         assert values.is_value(cls), cls
+
+
+PREBUILT_MODULES = ("policy", "model", "ops", "plan", "apply", "kernel", "hookresult", "rxops")
+INITS = os.path.join(os.path.dirname(values.__file__), "_inits.py")
+
+
+def prebuilt_classes() -> list[type]:
+    """The value classes whose __init__ _inits.py holds, in module and source order."""
+    out = []
+    for name in PREBUILT_MODULES:
+        mod = importlib.import_module(f"libvirt_netplug.{name}")
+        found = [c for c in vars(mod).values() if isinstance(c, type) and
+                 "__value_fields__" in c.__dict__ and c.__module__ == mod.__name__]
+        out += sorted(found, key=lambda c: inspect.getsourcelines(c)[1])
+    return out
+
+
+def test_the_prebuilt_inits_are_current():
+    text = values.prebuilt_source(prebuilt_classes())
+    if os.environ.get("NETPLUG_REGEN_INITS") == "1":
+        with open(INITS, "w") as f:
+            f.write(text)
+    with open(INITS) as f:
+        assert f.read() == text, ("libvirt_netplug/_inits.py is stale: NETPLUG_REGEN_INITS=1 "
+                                  ".venv/bin/python -m pytest tests/unit/test_values.py")
+
+
+def test_the_hook_path_classes_compile_no_init():
+    classes = prebuilt_classes()
+    assert len(classes) >= 20
+    for cls in classes:
+        assert cls.__init__.__code__.co_filename == INITS, cls
+        assert cls.__init__.__qualname__ == f"{cls.__qualname__}.__init__"
+
+
+def test_a_prebuilt_init_that_does_not_fit_is_not_used(monkeypatch):
+    from libvirt_netplug import _inits
+
+    exec(values.init_source({"a": values.Field(), "b": values.Field(1)}, "probe__Thing",
+                            lambda _n, f: repr(f.default)), vars(_inits))
+    monkeypatch.setattr(_inits, "probe__Thing", _inits.probe__Thing, raising=False)
+
+    def thing(**annotated_defaults):
+        ns = {"__annotations__": {"a": "int", **{k: "int" for k in annotated_defaults}},
+              "__module__": "libvirt_netplug.probe", "__qualname__": "Thing",
+              **annotated_defaults}
+        return values.frozen(types.new_class("Thing", (), {}, lambda d: d.update(ns)))
+
+    fits = thing(b=1)
+    assert fits.__init__.__code__ is _inits.probe__Thing.__code__
+    assert (fits(5).a, fits(5).b, fits(5, 2).b) == (5, 1, 2)
+    for other in (thing(b=2), thing(b=True), thing(c=1), thing(b=1, c=3),
+                  thing(b=values.field(default_factory=list))):
+        assert other.__init__.__code__ is not _inits.probe__Thing.__code__
+    assert thing(b=2)(5).b == 2 and thing(b=values.field(default_factory=list))(5).b == []
