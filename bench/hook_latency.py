@@ -24,7 +24,8 @@ Wall clock per process:
   start     the qemu shim for `vm1 start begin -` of a 4-NIC managed domain (4 static FDB
             entries + 4x learning/flood off, recorded in the state dir); before each run
             (untimed) the taps go back to learning/flood on without entries and the state dir
-            is emptied, so every run does the whole job, and after it the result is checked
+            is emptied but for cache/ (the parsed config, kept as on a host), so every run
+            does the whole job, and after it the result is checked
             with `bridge -j` (a run that did nothing fails the bench, not flatters it)
   sh        the same job as a plain sh script: per port `bridge fdb replace MAC dev TAP master
             static` + `bridge link set dev TAP learning off flood off` (iproute2), reset alike
@@ -36,12 +37,16 @@ Exit status 1 if a target is missed.
 shim, for each interpreter. (1) Phases, per process, N runs of `start` and of `prepare`: a
 copy of the shim stamps CLOCK_MONOTONIC when its first line runs (interpreter start = that
 minus the parent's stamp before spawning), after importing every module the hook path imports
-(imports; the list is found by a first run), and when the hook calls os._exit or returns to
-the shim's sys.exit (work); exit = parent's stamp after wait() minus that. The plain shim runs alternately, for comparison.
+(imports; the list is found by a first run), and when the hook calls _exit (work); exit =
+parent's stamp after wait() minus that. The plain shim runs alternately, for comparison.
 (2) `python -IS -X importtime SHIM vm1 start begin -`, N runs: the median self and cumulative
 time of each module, ranked: what each import the hook path makes directly drags in, and
 where the self time is. Modules the interpreter imports before the script runs (`-X
 importtime -c pass`) are counted as interpreter start.
+
+--python debian@REV (e.g. debian,debian@main): the same Debian interpreter with git revision
+REV of this tree installed instead of the working tree, measured in the same rounds: an A/B
+of two versions in one run.
 
 Run as root:  .venv/bin/python bench/hook_latency.py [--runs 30] [--python debian,venv]
                   [--shims both|installed] [--breakdown] [--json FILE|-]
@@ -70,6 +75,7 @@ NICS = 4
 TARGET_NOOP_OVER_BARE = 1.2
 TARGET_START_OVER_BARE = 3.0
 TARGET_START_OVER_SH = 4.0
+CONFIG_SETTLE = 3.0  # seconds; more than policy.CACHE_SETTLE_NS (not imported: any revision)
 
 
 def guest_mac(i: int) -> str:
@@ -116,17 +122,34 @@ def build() -> None:
         run(["ip", "link", "set", dev, "up"])
 
 
+def settle(config: str, seconds: float = CONFIG_SETTLE) -> None:
+    """Wait until the config file is as old as a host's: netplug caches the parsed config in
+    its state dir only once the file has not changed for a while (policy.CACHE_SETTLE_NS),
+    so the timed hooks read it the way they do on a host, from the cache."""
+    age = time.time() - os.stat(config).st_ctime
+    if age < seconds:
+        time.sleep(seconds - age)
+
+
 def reset(state_dir: str | None) -> None:
     """Untimed: put every tap back to what libvirt leaves (flood/learning on, no entry), and
-    forget what netplug recorded."""
+    forget what netplug recorded. The state dir's cache/ (the parsed config) stays, as it
+    does on a host between two hooks."""
     cmds = []
     for i in range(NICS):
         cmds += [f"fdb del {guest_mac(i)} dev {tap(i)} master",
                  f"link set dev {tap(i)} learning on flood on"]
     subprocess.run(["bridge", "-force", "-batch", "-"], input="\n".join(cmds) + "\n",
                    text=True, capture_output=True)
-    if state_dir:
-        shutil.rmtree(state_dir, ignore_errors=True)
+    if state_dir and os.path.isdir(state_dir):
+        for entry in os.listdir(state_dir):
+            path = os.path.join(state_dir, entry)
+            if entry == "cache":
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
 
 
 def verify_applied() -> None:
@@ -148,14 +171,15 @@ class Setup:
 
     def __init__(self, name: str, python: str, tmp: str, config: str, which: str):
         self.name, self.python = name, python
-        self.state = os.path.join("/dev/shm", f"netplug-bench-{os.getpid()}-{name}")
-        hooks = os.path.join(tmp, f"hooks-{name}")
+        tag = hookenv.rev_tag(name)
+        self.state = os.path.join("/dev/shm", f"netplug-bench-{os.getpid()}-{tag}")
+        hooks = os.path.join(tmp, f"hooks-{tag}")
         installed = hookenv.install_hooks(python, hooks, config, self.state)
         self.interp = hookenv.shim_command(installed)[0]
         self.shims = {"installed": installed}
         if which == "both" or (which == "IS" and hookenv.form(installed) != "-IS"):
             self.shims["built"] = hookenv.other_form(installed,
-                                                     os.path.join(tmp, f"shim-{name}-built"))
+                                                     os.path.join(tmp, f"shim-{tag}-built"))
         if which == "IS" and hookenv.form(installed) != "-IS":
             del self.shims["installed"]
         self.forms = {k: hookenv.form(v) for k, v in self.shims.items()}
@@ -279,25 +303,19 @@ for _bench_m in {preload!r}:
         __import__(_bench_m)
     except ImportError:
         pass
-import os as _bench_os  # the hook imports it too
-_bench_t2 = _bench_time.monotonic()
-_bench_exit, _bench_sys_exit = _bench_os._exit, _bench_sys.exit
-def _bench_stamp():
-    if _bench_sys.modules.get("_bench_stamped"):
-        return
-    _bench_sys.modules["_bench_stamped"] = _bench_sys
+import posix as _bench_posix  # loaded with the interpreter (os wraps it; the hook exits
+_bench_t2 = _bench_time.monotonic()  # through posix._exit)
+_bench_exit = _bench_posix._exit
+def _bench_stamp(rc):
     t3 = _bench_time.monotonic()
     mods = ",".join(m for m in _bench_sys.modules if m not in _bench_before)
-    fd = _bench_os.open({marks!r}, _bench_os.O_WRONLY | _bench_os.O_APPEND | _bench_os.O_CREAT)
-    _bench_os.write(fd, f"{{_bench_t1!r}} {{_bench_t2!r}} {{t3!r}} {{mods}}\\n".encode())
-    _bench_os.close(fd)
-def _bench_os_exit(rc):
-    _bench_stamp()
+    fd = _bench_posix.open({marks!r}, _bench_posix.O_WRONLY | _bench_posix.O_APPEND |
+                           _bench_posix.O_CREAT)
+    _bench_posix.write(fd, f"{{_bench_t1!r}} {{_bench_t2!r}} {{t3!r}} {{mods}}\\n".encode())
     _bench_exit(rc)
-def _bench_exit_normally(rc=None):  # a hook that returns: the shim calls sys.exit
-    _bench_stamp()
-    _bench_sys_exit(rc)
-_bench_os._exit, _bench_sys.exit = _bench_os_exit, _bench_exit_normally
+_bench_posix._exit = _bench_stamp
+if "os" in _bench_sys.modules:  # preloaded: it copied posix's _exit before
+    _bench_sys.modules["os"]._exit = _bench_stamp
 '''
 
 
@@ -475,8 +493,8 @@ def breakdown(args, setups: list[Setup], tmp: str, load_before: str) -> int:
             f"{op + ' begin':>20}" for op in res["phases"]))
         for part, label in (("start", "interpreter start (spawn→line 1)"),
                             ("imports", "imports of the hook path"),
-                            ("work", "work (hook.run → exit call)"),
-                            ("exit", "exit (exit call → reaped)"),
+                            ("work", "work (hook.run → _exit)"),
+                            ("exit", "exit (_exit → reaped)"),
                             ("total", "total, stamped copy"),
                             ("plain", "total, the shim itself")):
             print(f"  {label:<34}" + "".join(
@@ -507,6 +525,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=30, help="timed rounds (default 30)")
     ap.add_argument("--python", default="debian,venv",
                     help="interpreters: debian (Debian's /usr/bin/python3, regular install), "
+                         "debian@REV (the same with git revision REV of this tree instead of "
+                         "the working tree: an A/B in one run), "
                          "venv (the project's .venv); default both")
     ap.add_argument("--shims", choices=("both", "installed"), default="both",
                     help="also time the installed shim's other form (-IS / -I), built by the "
@@ -528,14 +548,15 @@ def main(argv=None) -> int:
     setups: list[Setup] = []
     run(["ip", "netns", "add", ns])
     try:
-        pythons = hookenv.interpreters(args.python.split(","), tmp)
         config = os.path.join(tmp, "config.toml")
         with open(config, "w") as f:
             f.write('[bridge.br0]\npromiscLinks = "no"\n')
+        pythons = hookenv.interpreters(args.python.split(","), tmp)
         setups = [Setup(name, py, tmp, config, "IS" if args.breakdown else args.shims)
                   for name, py in pythons.items()]
         setns(ns)
         build()
+        settle(config)
         if args.breakdown:
             return breakdown(args, setups, tmp, load_before)
         stats, labels = timing(args, setups, tmp)

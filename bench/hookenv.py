@@ -60,19 +60,30 @@ def missing_debian_packages() -> list[str]:
     return out
 
 
-def debian_python(tmp: str) -> str:
+def debian_python(tmp: str, rev: str | None = None) -> str:
     """A venv of /usr/bin/python3 (system site packages: apt's lxml) with a regular install
-    of this working tree; returns its bin/python (a symlink to /usr/bin/python3)."""
+    of this working tree — or, with ``rev``, of that git revision of it (an A/B in one run);
+    returns its bin/python (a symlink to /usr/bin/python3)."""
     missing = missing_debian_packages()
     if missing or not os.path.exists(SYSTEM_PYTHON):
         raise SystemExit(f"bench: Debian's python3 needs {' '.join(missing or ['python3'])}: "
                          f"run scripts/setup-host.sh (or apt-get install {' '.join(missing)})")
-    src = os.path.join(tmp, "netplug-src")
+    tag = f"-{rev_tag(rev)}" if rev else ""
+    src = os.path.join(tmp, f"netplug-src{tag}")
     os.makedirs(src)
-    shutil.copy(os.path.join(REPO, "pyproject.toml"), src)
-    shutil.copytree(os.path.join(REPO, "libvirt_netplug"), os.path.join(src, "libvirt_netplug"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    venv = os.path.join(tmp, "debian-venv")
+    if rev:
+        archive = subprocess.run(["git", "-C", REPO, "archive", rev, "pyproject.toml",
+                                  "libvirt_netplug"], capture_output=True)
+        if archive.returncode != 0:
+            raise SystemExit(f"bench: git archive {rev} failed: "
+                             f"{archive.stderr.decode(errors='replace').strip()}")
+        subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
+    else:
+        shutil.copy(os.path.join(REPO, "pyproject.toml"), src)
+        shutil.copytree(os.path.join(REPO, "libvirt_netplug"),
+                        os.path.join(src, "libvirt_netplug"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    venv = os.path.join(tmp, f"debian-venv{tag}")
     run([SYSTEM_PYTHON, "-m", "venv", "--system-site-packages", venv])
     py = os.path.join(venv, "bin", "python")
     run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
@@ -92,16 +103,26 @@ def project_python() -> str:
     return venv_python()
 
 
+def rev_tag(rev: str) -> str:
+    """A file-name-safe form of a git revision (HEAD~2 -> HEAD_2)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in rev)
+
+
 def interpreters(names: list[str], tmp: str) -> dict[str, str]:
-    """{"debian": …, "venv": …} for the names asked for (setup, untimed)."""
+    """{"debian": …, "venv": …} for the names asked for (setup, untimed). ``debian@REV``:
+    Debian's python3 with git revision REV of this tree installed instead of the working
+    tree, to compare two versions in one run."""
     out = {}
     for name in names:
         if name == "debian":
             out[name] = debian_python(tmp)
+        elif name.startswith("debian@") and len(name) > 7:
+            out[name] = debian_python(tmp, name[7:])
         elif name == "venv":
             out[name] = project_python()
         else:
-            raise SystemExit(f"bench: unknown interpreter {name!r}; use debian or venv")
+            raise SystemExit(f"bench: unknown interpreter {name!r}; use debian, debian@REV "
+                             f"or venv")
     return out
 
 
@@ -109,6 +130,9 @@ def describe(name: str, python: str) -> str:
     if name == "debian":
         return (f"Debian {SYSTEM_PYTHON} (venv --system-site-packages, python3-lxml, "
                 f"regular install)")
+    if name.startswith("debian@"):
+        return (f"Debian {SYSTEM_PYTHON} (as debian), git revision {name[7:]} of this tree "
+                f"installed")
     real = os.path.realpath(python)
     return f"project .venv ({real}, editable install)"
 

@@ -14,20 +14,28 @@ finds, static, on that very tap).
 
 from __future__ import annotations
 
-import copy
-import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, MutableMapping, TYPE_CHECKING
-
 from .errors import DeviceGone, NetplugError, NotSupported
 from .ops import DeleteFdb, Operation, SetPortFlags, ReplaceFdb
 from .plan import Observed, Plan, PortIntent, entry_vlans
+from .state import copy_record
+from .values import field, mutable
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms a hook)
 if TYPE_CHECKING:  # annotations only: the hook loads netlink only when it has work
+    from logging import Logger
+    from typing import Any, Callable, Iterable, Mapping, MutableMapping
+
+    from .hooklog import HookLogger
     from .kernel import Kernel, Link, PortVlans
     from .state import StateDir
 
-log = logging.getLogger(__name__)
+
+def _module_logger() -> Logger:
+    """The default logger (the agent's, reconcile's): logging's, imported only then — the
+    hooks pass their own (hooklog), and importing logging costs a hook ~12 ms."""
+    import logging
+
+    return logging.getLogger(__name__)
 
 
 # -- observing ----------------------------------------------------------------------------------
@@ -163,7 +171,7 @@ def _vlans_of(kernel: Kernel, links: Mapping[str, Link]) -> dict[str, PortVlans]
 # -- applying ----------------------------------------------------------------------------------
 
 
-@dataclass
+@mutable
 class ApplyResult:
     applied: list[Operation] = field(default_factory=list)  # ops of ports that fully succeeded
     errors: list[tuple[Operation, NetplugError]] = field(default_factory=list)
@@ -197,8 +205,8 @@ def _groups(ops: Iterable[Operation]) -> list[list[Operation]]:
 
 
 def apply(ops: Iterable[Operation], kernel: Kernel,
-          logger: logging.Logger | None = None) -> ApplyResult:
-    logger = logger or log
+          logger: Logger | HookLogger | None = None) -> ApplyResult:
+    logger = logger or _module_logger()
     result = ApplyResult()
     for group in _groups(ops):
         done: list[Operation] = []
@@ -227,7 +235,7 @@ def _fields(op: Operation) -> dict[str, Any]:
                         "device": op.device, "operation": op.kind}}
 
 
-def _rollback(done: list[Operation], kernel: Kernel, logger: logging.Logger,
+def _rollback(done: list[Operation], kernel: Kernel, logger: Logger | HookLogger,
               result: ApplyResult) -> None:
     for op in reversed(done):
         inv = op.inverse()
@@ -300,7 +308,7 @@ def records_ahead(record: Mapping[str, Any], plan: Plan, observed: Observed
             (isinstance(op, SetPortFlags) and op.learning is False and op.flood is False)]
     if not adds:
         return None
-    ahead = copy.deepcopy(dict(record))
+    ahead = copy_record(dict(record))
     ports = ahead.setdefault("ports", {})
     managed = _managed_ports(plan, observed)
     for op in adds:
@@ -357,11 +365,11 @@ def record_ports(record: MutableMapping[str, Any], plan: Plan, observed: Observe
 
 
 def apply_recorded(kernel: Kernel, state: StateDir, name: str, record: dict[str, Any],
-                   plan: Plan, observed: Observed, logger: logging.Logger,
+                   plan: Plan, observed: Observed, logger: Logger | HookLogger,
                    extra: Mapping[str, Any] | None = None) -> ApplyResult:
     """Write ahead, apply, record (call under the state lock). ``record`` is updated in
     place to what the kernel now holds and written; ``extra`` fields go into the record."""
-    previous = copy.deepcopy(record)
+    previous = copy_record(record)
     ahead = records_ahead(record, plan, observed)
     if ahead is not None:
         ahead.update(extra or {})

@@ -9,13 +9,15 @@ libvirtd runs ``<hook> <object> <op> <subop> <extra>`` with the domain XML (qemu
   setting (config ``strict = true`` or policy ``strict='yes'``) makes start-type operations
   fail instead.
 
-This module imports only ``os`` and ``sys`` up front so events we ignore cost no more than
-starting Python; everything else is imported when there is work.
+Events we ignore cost no more than starting Python: this module imports nothing up front
+that the interpreter has not loaded already (``posix``, the module ``os`` wraps: importing
+``os`` costs ~1 ms; ``_signal``, the module ``signal`` wraps with enums: ~3 ms); everything
+else is imported when there is work.
 """
 
 from __future__ import annotations
 
-import os
+import posix
 import sys
 
 MAX_INPUT = 10 * 1024 * 1024
@@ -30,18 +32,17 @@ STRICT_OPS = {"start", "started", "port-created"}
 
 
 class _Context:
-    def __init__(self, config: str | None, state_dir: str | None):
+    def __init__(self, config: str | None, state_dir: str | None, log):
         from .policy import Config, load_config
         from .state import StateDir
         from .errors import PolicyError
-        import logging
 
-        self.log = logging.getLogger("libvirt_netplug.hook")
+        self.log = log
         self.state = StateDir(state_dir)
         self.errors = 0
         self.config_error: str | None = None
         try:
-            self.config = load_config(config)
+            self.config = load_config(config, cache=self.state)
         except PolicyError as e:
             # Fail closed: a broken config must neither stop guests from starting nor turn
             # isolation off for the running ones. Ports it decides for are held as they are.
@@ -121,10 +122,10 @@ def _sync_ports(ctx: _Context, name: str, intents: list, op: str, *,
 
     ``records_of(record)`` picks the port records this run may change (default: all).
     """
-    import copy
     from .apply import ApplyResult, apply_recorded, observe_ports, record_ports
     from .kernel import NetlinkKernel
     from .plan import plan_ports
+    from .state import copy_record
 
     pick = records_of or (lambda rec: rec.get("ports") or {})
     record = _own_record(ctx, name)
@@ -141,7 +142,7 @@ def _sync_ports(ctx: _Context, name: str, intents: list, op: str, *,
         observed = observe_ports(kernel, intents, pick(record), owner_of)
         plan = plan_ports(intents, observed, pick(record))
         if not plan.ops:
-            after = copy.deepcopy(record)
+            after = copy_record(record)
             record_ports(after, plan, observed, ApplyResult())
             after.update(extra or {})
             if after == record or (not after.get("ports") and not record.get("ports")
@@ -387,22 +388,24 @@ def _unmanage_network(ctx: _Context, network: str) -> None:
 def main(argv: list[str], stdin, stderr, *, kind: str | None = None,
          config: str | None = None, state_dir: str | None = None) -> int:
     """Run one hook invocation. ``kind`` is "qemu" or "network" (default: argv[0]'s name)."""
-    kind = kind or os.path.basename(argv[0] if argv else "")
+    kind = kind or (argv[0] if argv else "").rpartition("/")[2]  # os.path.basename
     obj = argv[1] if len(argv) > 1 else ""
     op = argv[2] if len(argv) > 2 else ""
     if kind == "qemu" and op in QEMU_IGNORED:
         _read_stdin(stdin)
         return 0
-    from . import logsetup
+    from . import hooklog
 
-    logsetup.setup(f"{kind or 'hook'}-hook", stderr)
-    import logging
+    # Not the logging module: its imports cost a hook more than its work (hooklog).
+    log = hooklog.setup(f"{kind or 'hook'}-hook", stderr)
+    try:
+        return _main(kind, obj, op, argv, stdin, config, state_dir, log)
+    finally:
+        log.close()
 
-    # A handler that cannot write (a full syslog socket) drops the record silently instead
-    # of printing its own traceback.
-    logging.raiseExceptions = False
 
-    log = logging.getLogger("libvirt_netplug.hook")
+def _main(kind: str, obj: str, op: str, argv: list[str], stdin, config: str | None,
+          state_dir: str | None, log) -> int:
     if kind not in ("qemu", "network"):
         log.error("unknown hook object %r (argv %s); expected to be run as the qemu or "
                   "network hook", kind, " ".join(argv[1:]))
@@ -414,9 +417,9 @@ def main(argv: list[str], stdin, stderr, *, kind: str | None = None,
                     obj or "?", op)
         return 0
     errors = _ErrorCounter()
-    log.parent.addHandler(errors)
+    log.addHandler(errors)
     rc = _handle(kind, obj, op, stdin, config, state_dir, log)
-    log.parent.removeHandler(errors)
+    log.removeHandler(errors)
     # What `netplug status` shows as this domain's (network's) last hook run. Best effort.
     from . import hookresult
     from .state import state_dir_path
@@ -434,7 +437,7 @@ def _handle(kind: str, obj: str, op: str, stdin, config: str | None, state_dir: 
     ctx = None
     try:
         data = _read_stdin(stdin)
-        ctx = _Context(config, state_dir)
+        ctx = _Context(config, state_dir, log)
         if kind == "qemu":
             _qemu(ctx, obj, op, data)
         else:
@@ -457,10 +460,10 @@ def _handle(kind: str, obj: str, op: str, stdin, config: str | None, state_dir: 
 
 
 class _ErrorCounter:
-    """A logging handler that only counts this run's errors and keeps the first (for the
-    hook's last result); duck-typed, so defining it costs nothing until a hook has work."""
+    """A log handler (hooklog) that only counts this run's errors and keeps the first (for
+    the hook's last result)."""
 
-    level = 40  # logging.ERROR
+    level = 40  # hooklog.ERROR
 
     def __init__(self):
         self.count = 0
@@ -506,7 +509,7 @@ class _BoundedStderr:
                 self.dropped += len(data) - i
                 break
             try:
-                self.written += os.write(self.fd, chunk)
+                self.written += posix.write(self.fd, chunk)
             except OSError:
                 self.dropped += len(data) - i
                 break
@@ -538,15 +541,15 @@ def _standard_fds() -> None:
     a write, a child) fails with EBADF — a failing `reconnect` kills the VM."""
     for fd in (0, 1, 2):
         try:
-            os.fstat(fd)
+            posix.fstat(fd)
         except OSError:
             try:
-                null = os.open(os.devnull, os.O_RDWR)
+                null = posix.open("/dev/null", posix.O_RDWR)
             except OSError:
                 continue
             if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
+                posix.dup2(null, fd)
+                posix.close(null)
 
 
 def run(kind: str, *, config: str | None = None, state_dir: str | None = None) -> int:
@@ -557,29 +560,27 @@ def run(kind: str, *, config: str | None = None, state_dir: str | None = None) -
         _standard_fds()
         # Whatever happens below, nothing may reach libvirt through stdout: for migrate and
         # restore it would replace the domain XML. Point fd 1 at stderr.
-        os.dup2(2, 1)
+        posix.dup2(2, 1)
         err = _BoundedStderr(2)
         sys.stdout = sys.stderr = err  # stray prints and tracebacks too
-        import signal
+        import _signal
 
         def _deadline(_signum, _frame):
             # Only non-blocking work here: the state lock is released by the exit itself.
             err.write(f"netplug {kind}-hook: ERROR: gave up after {HOOK_DEADLINE} s; "
                       f"run 'netplug reconcile' to finish what this hook left\n")
-            os._exit(0)
+            posix._exit(0)
 
-        signal.signal(signal.SIGALRM, _deadline)
-        signal.alarm(HOOK_DEADLINE)
-        stdin = sys.stdin.buffer if sys.stdin is not None else os.fdopen(0, "rb", closefd=False)
+        _signal.signal(_signal.SIGALRM, _deadline)
+        _signal.alarm(HOOK_DEADLINE)
+        if sys.stdin is not None:
+            stdin = sys.stdin.buffer
+        else:
+            import io
+
+            stdin = io.open(0, "rb", closefd=False)  # os.fdopen
         rc = main(sys.argv, stdin, err, kind=kind, config=config, state_dir=state_dir)
     except BaseException:  # noqa: BLE001 - by default nothing fails a libvirt operation
         rc = 0
     finally:
-        logging = sys.modules.get("logging")  # not imported for an event the hook ignores
-        if logging is not None:
-            for h in logging.getLogger("libvirt_netplug").handlers:
-                try:
-                    h.flush()
-                except Exception:  # noqa: BLE001
-                    pass
-        os._exit(rc)
+        posix._exit(rc)  # nothing to flush: the hook's log writes each record as it comes

@@ -35,7 +35,7 @@ KINDS = ("qemu", "network")
 # through the shim's sys.path, and doctor checks it again.
 HOOK_MODULES = ("libvirt_netplug", "lxml")
 PROBE_IMPORTS = ("libvirt_netplug.hook", "libvirt_netplug.model", "libvirt_netplug.apply",
-                 "libvirt_netplug.kernel", "libvirt_netplug.state", "libvirt_netplug.logsetup")
+                 "libvirt_netplug.kernel", "libvirt_netplug.state", "libvirt_netplug.hooklog")
 
 TEMPLATE = '''#!{python}{flags}
 {marker} ({kind}): libvirtd runs this; it hands over to libvirt_netplug.hook.

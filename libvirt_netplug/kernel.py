@@ -8,18 +8,17 @@ that name the device and the operation; EEXIST on an add and ENOENT on a delete 
 
 from __future__ import annotations
 
+import _socket  # socket's C module: importing socket costs every hook ~2 ms
 import errno
 import fcntl
-import socket
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import netlink as nl
 from .errors import DeviceGone, KernelError, NotSupported, kernel_error
+from .values import frozen
 
 
-@dataclass(frozen=True)
+@frozen
 class Link:
     name: str
     index: int
@@ -39,7 +38,7 @@ class Link:
     macvlan_mode: str | None = None
 
 
-@dataclass(frozen=True)
+@frozen
 class FdbEntry:
     """One entry of a bridge's forwarding table (NTF_MASTER), or of a device's own lists."""
 
@@ -58,7 +57,7 @@ class FdbEntry:
         return self.sort_key() < other.sort_key()
 
 
-@dataclass(frozen=True)
+@frozen
 class PortVlans:
     """The VLANs a bridge port is a member of (bridge VLAN filtering's per-port table)."""
 
@@ -67,6 +66,7 @@ class PortVlans:
     untagged: frozenset[int] = frozenset()
 
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms a hook)
 if TYPE_CHECKING:  # the interface, for type checkers; a Protocol class costs every hook
     # ~1 ms to create and nothing checks it at run time (tests/kernel/test_fake_contract.py
     # checks the fake against the real thing instead)
@@ -80,66 +80,6 @@ if TYPE_CHECKING:  # the interface, for type checkers; a Protocol class costs ev
         def fdb_get(self, bridge: str, mac: str, vlan: int | None = None) -> FdbEntry | None: ...
         def port_vlans(self, port: str) -> PortVlans: ...
         def all_port_vlans(self) -> dict[str, PortVlans]: ...
-        def fdb_get(self, bridge: str, mac: str, vlan: int | None = None) -> FdbEntry | None:
-            """The bridge's entry for (mac, vlan) on whatever port it is, or None: one request
-            (what `bridge fdb get MAC br BR [vlan V]` does), whatever the size of the table."""
-            br = self._index("read fdb entry", bridge)
-            body = nl.ndmsg(nl.AF_BRIDGE, 0, 0, 0) + nl.nla(nl.NDA_LLADDR, nl.mac_bytes(mac)) + \
-                nl.nla_u32(nl.NDA_MASTER, br)
-            if vlan is not None:
-                body += nl.nda_vlan(vlan)
-            try:
-                buf, a, b = self._nl.get(nl.RTM_GETNEIGH, body)
-            except nl.NetlinkError as e:
-                if e.errno == errno.ENOENT:
-                    return None
-                raise kernel_error(f"read fdb entry {mac}", bridge, e.errno) from e
-            n = nl.parse_neigh(buf, a, b)
-            if n is None:
-                return None
-            if n.ifindex == br:
-                port = bridge
-            else:
-                port = self._names.get(n.ifindex)
-                if port is None:
-                    try:
-                        port = socket.if_indextoname(n.ifindex)
-                    except OSError:
-                        return None  # the port vanished while we asked
-                    self._names[n.ifindex] = port
-            return FdbEntry(port, n.mac, n.vlan, _fdb_state(n.state, n.flags),
-                            sticky=bool(n.flags & nl.NTF_STICKY),
-                            extern_learn=bool(n.flags & nl.NTF_EXT_LEARNED))
-
-        def _vlan_dump(self, op: str, device: str, ifindex: int) -> list[nl.VlanMsg]:
-            try:
-                msgs = self._nl.dump(nl.RTM_GETVLAN, nl.br_vlan_msg(ifindex))
-            except nl.NetlinkError as e:
-                raise kernel_error(op, device, e.errno) from e
-            return [nl.parse_vlan(buf, a, b) for t, buf, a, b in msgs if t == nl.RTM_NEWVLAN]
-
-        def port_vlans(self, port: str) -> PortVlans:
-            """The VLANs ``port`` is in (empty without any): one filtered RTM_GETVLAN dump.
-            NotSupported on kernels without bridge VLAN filtering."""
-            idx = self._index("read port vlans", port)
-            for m in self._vlan_dump("read port vlans", port, idx):
-                if m.ifindex == idx:
-                    return PortVlans(m.vids, m.pvid, m.untagged)
-            return PortVlans(frozenset())
-
-        def all_port_vlans(self) -> dict[str, PortVlans]:
-            """Every device's VLANs in one dump (reconcile), by name (``links()`` names them)."""
-            out = {}
-            for m in self._vlan_dump("read port vlans", "all links", 0):
-                name = self._names.get(m.ifindex)
-                if name is None:
-                    try:
-                        name = socket.if_indextoname(m.ifindex)
-                    except OSError:
-                        continue
-                out[name] = PortVlans(m.vids, m.pvid, m.untagged)
-            return out
-
         def device_addresses(self, dev: str) -> tuple[list[str], list[str]]: ...
         def replace_fdb(self, port: str, mac: str, vlan: int | None = None,
                         sticky: bool = False) -> None: ...
@@ -174,7 +114,7 @@ class NetlinkKernel:
 
     def __init__(self, timeout: float = 2.0):
         self._nl = nl.Netlink(timeout)
-        self._ioctl_sock: socket.socket | None = None
+        self._ioctl_sock: _socket.socket | None = None
         self._names: dict[int, str] = {}  # ifindex -> name, from links() and bridge_ports()
 
     def close(self) -> None:
@@ -193,7 +133,7 @@ class NetlinkKernel:
     @staticmethod
     def _index(op: str, name: str) -> int:
         try:
-            return socket.if_nametoindex(name)
+            return _socket.if_nametoindex(name)
         except OSError as e:
             raise kernel_error(op, name, e.errno or errno.ENODEV) from e
 
@@ -250,7 +190,7 @@ class NetlinkKernel:
         names = {}
         if m.master:
             try:
-                names[m.master] = socket.if_indextoname(m.master)
+                names[m.master] = _socket.if_indextoname(m.master)
             except OSError:
                 pass
         return self._to_link(m, names)
@@ -289,7 +229,7 @@ class NetlinkKernel:
                 continue
             if n.ifindex not in names:
                 try:
-                    names[n.ifindex] = socket.if_indextoname(n.ifindex)
+                    names[n.ifindex] = _socket.if_indextoname(n.ifindex)
                 except OSError:
                     continue  # the port vanished while we read
             out.append(FdbEntry(names[n.ifindex], n.mac, n.vlan, _fdb_state(n.state, n.flags),
@@ -320,7 +260,7 @@ class NetlinkKernel:
             port = self._names.get(n.ifindex)
             if port is None:
                 try:
-                    port = socket.if_indextoname(n.ifindex)
+                    port = _socket.if_indextoname(n.ifindex)
                 except OSError:
                     return None  # the port vanished while we asked
                 self._names[n.ifindex] = port
@@ -351,7 +291,7 @@ class NetlinkKernel:
             name = self._names.get(m.ifindex)
             if name is None:
                 try:
-                    name = socket.if_indextoname(m.ifindex)
+                    name = _socket.if_indextoname(m.ifindex)
                 except OSError:
                     continue
             out[name] = PortVlans(m.vids, m.pvid, m.untagged)
@@ -432,7 +372,8 @@ class NetlinkKernel:
 
     def _ioctl(self, op: str, request: int, dev: str, mac: str, ok: tuple[int, ...]) -> bool:
         if self._ioctl_sock is None:
-            self._ioctl_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._ioctl_sock = _socket.socket(_socket.AF_INET,
+                                              _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
         ifr = _IFREQ_HWADDR.pack(dev.encode(), 0, nl.mac_bytes(mac).ljust(14, b"\0"))
         try:
             fcntl.ioctl(self._ioctl_sock.fileno(), request, ifr)

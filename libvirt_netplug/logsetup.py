@@ -1,46 +1,34 @@
-"""Logging for entry points only (library modules just use logging.getLogger(__name__)).
+"""Logging for the agent and the operator commands (library modules just use
+logging.getLogger(__name__)); the hooks log through hooklog instead, without ``logging``.
 
 Besides stderr, records go to the system log: to journald through its native protocol when
 it runs (so each change is queryable by field: ``journalctl NETPLUG_DOMAIN=vm1``), else to
 syslog. A record passes its fields as ``extra={"netplug": {"domain": …, "interface": …,
 "mac": …, "bridge": …, "operation": …}}`` (any of ops.Context's fields, plus ``operation``
-and ``device``); they become NETPLUG_DOMAIN=, NETPLUG_INTERFACE=, … journal fields. Stdlib
-only: the hook imports this.
+and ``device``); they become NETPLUG_DOMAIN=, NETPLUG_INTERFACE=, … journal fields. The
+fields and the wire formats are hooklog's, so a record reads the same whoever sent it.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
-import struct
-from typing import Any, TextIO
 
-SYSLOG_SOCKETS = ("/run/systemd/journal/dev-log", "/dev/log")
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
-IDENTIFIER = "libvirt-netplug"
-# logging level -> syslog priority (what PRIORITY= means to journald)
-_PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
-# A datagram larger than this may be refused (EMSGSIZE): the message is cut to fit.
-_MAX_MESSAGE = 48 * 1024
+from . import hooklog
+from .hooklog import IDENTIFIER, JOURNAL_SOCKET, SYSLOG_SOCKETS  # noqa: F401 - patched by tests
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TextIO
+
+_MAX_MESSAGE = hooklog.MAX_MESSAGE
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, str]:
-    """NETPLUG_* journal fields from a record's ``netplug`` extra (a dict, or a dataclass such
+    """NETPLUG_* journal fields from a record's ``netplug`` extra (a dict, or an object such
     as ops.Context); None values and non-identifier keys are left out."""
-    extra = getattr(record, "netplug", None)
-    if extra is None:
-        return {}
-    if not isinstance(extra, dict):
-        extra = {k: v for k, v in vars(extra).items() if not k.startswith("_")}
-    out = {}
-    for key, value in extra.items():
-        name = "NETPLUG_" + str(key).upper()
-        if value is None or not name.replace("_", "").isalnum() or not name.isascii():
-            continue
-        out[name] = str(value)
-    return out
+    return hooklog.netplug_fields(getattr(record, "netplug", None))
 
 
 class JournalHandler(logging.Handler):
@@ -48,7 +36,7 @@ class JournalHandler(logging.Handler):
 
     Never blocks and never raises: the socket is non-blocking, and a record journald cannot
     take right now (a full queue, journald gone) is dropped, counted in ``dropped``; stderr
-    still has it. Hooks must finish in bounded time.
+    still has it. The agent must never stall on its log.
     """
 
     def __init__(self, component: str, path: str | None = None,
@@ -62,41 +50,18 @@ class JournalHandler(logging.Handler):
         self._sock.setblocking(False)
 
     def fields(self, record: logging.LogRecord) -> dict[str, str]:
-        priority = next((p for lvl, p in _PRIORITY if record.levelno >= lvl), 7)
-        out = {"MESSAGE": self.format(record), "PRIORITY": str(priority),
-               "SYSLOG_IDENTIFIER": self.identifier, "SYSLOG_FACILITY": "3",
-               "SYSLOG_PID": str(os.getpid()), "CODE_FILE": record.pathname,
-               "CODE_LINE": str(record.lineno), "CODE_FUNC": record.funcName,
-               "NETPLUG_COMPONENT": self.component, "LOGGER": record.name}
-        out.update(record_fields(record))
-        return out
+        return hooklog.journal_fields(
+            self.format(record), record.levelno, self.component, identifier=self.identifier,
+            pathname=record.pathname, lineno=record.lineno, func=record.funcName,
+            logger=record.name, extra=getattr(record, "netplug", None))
 
-    @staticmethod
-    def encode(fields: dict[str, str]) -> bytes:
-        parts = []
-        for key, value in fields.items():
-            data = value.encode("utf-8", "replace")
-            if b"\n" in data:  # the binary-safe form: KEY\n<64-bit LE length><value>\n
-                parts.append(key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n")
-            else:
-                parts.append(key.encode() + b"=" + data + b"\n")
-        return b"".join(parts)
+    encode = staticmethod(hooklog.encode)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            fields = self.fields(record)
-            data = self.encode(fields)
-            try:
-                self._sock.sendto(data, self.path)
-            except OSError as e:
-                if e.errno != errno.EMSGSIZE:  # too big: cut the message, try once more
-                    raise
-                fields["MESSAGE"] = fields["MESSAGE"][:_MAX_MESSAGE] + " …"
-                self._sock.sendto(self.encode(fields), self.path)
-        except (OSError, ValueError):
-            self.dropped += 1
-        except Exception:  # noqa: BLE001 - logging must never break a hook
-            self.dropped += 1
+            hooklog.send_journal(self._sock, self.path, self.fields(record))
+        except Exception:  # noqa: BLE001 - OSError (full, gone) or a bad record: dropped;
+            self.dropped += 1  # logging must never break a caller
 
     def close(self) -> None:
         try:
@@ -127,7 +92,7 @@ def _system_log_handler(component: str) -> logging.Handler | None:
         h: logging.Handler = JournalHandler(component)
         h.setFormatter(_OneLine(f"{component}: %(message)s"))
         return h
-    import logging.handlers  # the fallback only: ~3 ms a hook where journald runs
+    import logging.handlers  # the fallback only
 
     for path in SYSLOG_SOCKETS:
         if not os.path.exists(path):
@@ -137,8 +102,8 @@ def _system_log_handler(component: str) -> logging.Handler | None:
                 address=path, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         except OSError:
             continue
-        # A datagram to a busy syslog must never block the caller (a hook holding the state
-        # lock): a full socket drops the line instead.
+        # A datagram to a busy syslog must never block the caller (the agent holding the
+        # state lock): a full socket drops the line instead.
         if sh.socket is not None:
             sh.socket.setblocking(False)
         sh.ident = f"{IDENTIFIER}[{os.getpid()}]: "

@@ -1,22 +1,29 @@
 """Typed model of the libvirt XML netplug reads: domains, networks, network ports.
 
-Frozen dataclasses filled from an explicit table of XPaths, with small converters. No host
-probing here: the model is what the XML says, validated (MACs, interface names), nothing more.
+Frozen value classes (values.frozen) filled from an explicit table of XPaths, with small
+converters. No host probing here: the model is what the XML says, validated (MACs, interface
+names), nothing more.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-
-from lxml import etree
-
 from .errors import InputError, PolicyError
 from .policy import NS, Policy, policy_from_element, policy_from_mapping
-from .xmlsafe import parse_xml
+from .values import field, frozen
+from .xmlsafe import etree, parse_xml
 
-_MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 IFNAMSIZ = 16
+# Checks by hand, not regular expressions: compiling them costs every hook ~0.2 ms.
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+_IFNAME_BAD = frozenset("/:\x00")
+
+
+def _is_mac(text: str) -> bool:
+    """``[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}``, the whole string."""
+    return len(text) == 17 and text[2::3] == ":::::" and \
+        _HEX.issuperset(text[0::3] + text[1::3])
 
 
 def normalize_mac(mac: str) -> str:
@@ -25,7 +32,7 @@ def normalize_mac(mac: str) -> str:
 
 def check_mac(mac: str | None, where: str, *, unicast: bool = True) -> str:
     """Return the normalized MAC or raise an InputError naming ``where``."""
-    if mac is None or not _MAC_RE.fullmatch(mac):
+    if mac is None or not _is_mac(mac):
         raise InputError(f"{where}: invalid MAC address {mac!r}; expected six hex octets like "
                          f"52:54:00:12:34:56")
     mac = normalize_mac(mac)
@@ -34,13 +41,11 @@ def check_mac(mac: str | None, where: str, *, unicast: bool = True) -> str:
     return mac
 
 
-_IFNAME_BAD = re.compile(r"[/:\s\x00]")
-
-
 def ifname_ok(name: str | None) -> bool:
-    """Linux's dev_valid_name(): 1-15 bytes, not '.'/'..', no '/', ':' or whitespace."""
+    """Linux's dev_valid_name(): 1-15 bytes, not '.'/'..', no '/', ':' or whitespace
+    (``[/:\\s\\x00]``; str.split() splits at what a str pattern's \\s matches)."""
     return bool(name) and len(name.encode("utf-8", "surrogateescape")) < IFNAMSIZ and \
-        name not in (".", "..") and _IFNAME_BAD.search(name) is None
+        name not in (".", "..") and _IFNAME_BAD.isdisjoint(name) and name.split() == [name]
 
 
 def check_ifname(name: str | None, where: str) -> str:
@@ -65,7 +70,7 @@ def _yes(value: str | None) -> bool:
     return value == "yes"
 
 
-@dataclass(frozen=True)
+@frozen
 class Interface:
     index: int  # position among the domain's <interface> elements
     type: str  # bridge, network, direct, ethernet, hostdev, user, vhostuser, ...
@@ -92,7 +97,7 @@ class Interface:
                                           and self.source_bridge is None)
 
 
-@dataclass(frozen=True)
+@frozen
 class Domain:
     name: str
     uuid: str | None
@@ -107,7 +112,7 @@ class Domain:
         return Policy()
 
 
-@dataclass(frozen=True)
+@frozen
 class Network:
     name: str
     uuid: str | None
@@ -144,7 +149,7 @@ class Network:
                    policy_error=error)
 
 
-@dataclass(frozen=True)
+@frozen
 class NetworkPort:
     network: Network
     uuid: str | None

@@ -11,11 +11,18 @@ Sources, lowest precedence first (each later source overrides the fields it sets
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
 from functools import cached_property
-from typing import Any, Mapping
 
 from .errors import PolicyError
+from .values import field, fields, frozen
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms a hook)
+if TYPE_CHECKING:
+    from typing import Any, Mapping, Protocol
+
+    class ConfigCache(Protocol):  # state.StateDir
+        def read_cache(self, name: str) -> Any: ...
+        def write_cache(self, name: str, doc: dict[str, Any]) -> None: ...
 
 NS = "urn:x-libvirt-netplug:1"
 DEFAULT_CONFIG = "/etc/libvirt-netplug/config.toml"
@@ -29,7 +36,7 @@ MAX_CONFIG_BYTES = 256 * 1024  # every hook reads it: a real config is a few hun
 _BOOL_WORDS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
 
 
-@dataclass(frozen=True)
+@frozen
 class Policy:
     """A (partial) policy: None means "not set here", so layers can be merged."""
 
@@ -161,7 +168,7 @@ def policy_from_element(el, where: str) -> Policy:
     return policy_from_mapping(attrs, where)
 
 
-@dataclass(frozen=True)
+@frozen
 class Config:
     """The host config file: policies for host bridges and macvtap lower devices."""
 
@@ -186,8 +193,15 @@ def config_path(explicit: str | None = None) -> str:
     return explicit or os.environ.get("NETPLUG_CONFIG") or DEFAULT_CONFIG
 
 
-def load_config(path: str | None = None) -> Config:
-    """Load the TOML config; a missing file is an empty config, a broken one a PolicyError."""
+def load_config(path: str | None = None, cache: ConfigCache | None = None) -> Config:
+    """Load the TOML config; a missing file is an empty config, a broken one a PolicyError.
+
+    ``cache`` (the hooks' StateDir): where the parsed config is kept between runs, keyed by
+    the file's device, inode, size and timestamps, so a hook parses TOML only when the file
+    changed (tomllib costs every hook ~3 ms). What the cache holds is what tomllib returned,
+    checked again by the same code on every use; only a valid config is cached; a cache
+    that is absent, unreadable or not trusted means parsing the file, as without one.
+    """
     path = config_path(path)
     try:
         # O_NONBLOCK: a FIFO put in the config's place must not hang every hook.
@@ -200,15 +214,21 @@ def load_config(path: str | None = None) -> Config:
         with os.fdopen(fd, "rb") as f:
             import stat
 
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
                 raise PolicyError(f"config {path}: not a regular file")
+            key = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            if cache is not None:
+                cached = _cached_config(cache, path, key)
+                if cached is not None:
+                    return cached
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise PolicyError(f"config {path}: cannot read: {e.strerror}") from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise PolicyError(f"config {path}: over {MAX_CONFIG_BYTES // 1024} KiB; a netplug "
                           f"config is a few tables of settings: check the file")
-    import tomllib  # only where there is a config file to read (~2 ms for every hook)
+    import tomllib  # only where there is a config file to read, and no cache of it
 
     try:
         data = tomllib.loads(raw.decode("utf-8"))
@@ -218,9 +238,38 @@ def load_config(path: str | None = None) -> Config:
         raise PolicyError(f"config {path}: invalid TOML: arrays or tables nested too deeply; "
                           f"a netplug config is [bridge.NAME] and [direct.DEV] tables of "
                           f"settings") from None
-    return config_from_dict(data, path)
+    config = config_from_dict(data, path)  # raises for an invalid config: never cached
+    if cache is not None:
+        _cache_config(cache, path, key, data)
+    return config
 
 
+CONFIG_CACHE = "config"  # cache/config.json in the state dir
+CONFIG_CACHE_FORMAT = 1
+# A file changed this recently may change again within the granularity of its timestamps
+# (a clock tick; 1 s on ext4 with small inodes, 2 s on FAT) and keep its size: not cached yet.
+CACHE_SETTLE_NS = 2_000_000_000
+
+
+def _cached_config(cache: ConfigCache, path: str, key: list[int]) -> Config | None:
+    doc = cache.read_cache(CONFIG_CACHE)
+    if not isinstance(doc, dict) or doc.get("format") != CONFIG_CACHE_FORMAT or \
+            doc.get("path") != path or doc.get("key") != key or \
+            not isinstance(doc.get("data"), dict):
+        return None
+    try:
+        return config_from_dict(doc["data"], path)
+    except PolicyError:
+        return None  # not what a valid config parses to: parse the file instead
+
+
+def _cache_config(cache: ConfigCache, path: str, key: list[int], data: dict) -> None:
+    import time
+
+    if time.time_ns() - max(key[3], key[4]) < CACHE_SETTLE_NS:
+        return
+    cache.write_cache(CONFIG_CACHE, {"format": CONFIG_CACHE_FORMAT, "path": path, "key": key,
+                                     "data": data})
 
 
 def config_from_dict(data: Mapping[str, Any], path: str) -> Config:

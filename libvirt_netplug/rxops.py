@@ -5,16 +5,16 @@ Part of ops.py's vocabulary (``from libvirt_netplug.ops import AddMulticast`` wo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, TYPE_CHECKING
 
 from .ops import Operation
+from .values import frozen
 
 if TYPE_CHECKING:
     from .kernel import Kernel
 
 
-@dataclass(frozen=True)
+@frozen
 class AddMulticast(Operation):
     mac: str
     kind: ClassVar[str] = "multicast-add"
@@ -29,7 +29,7 @@ class AddMulticast(Operation):
         return DelMulticast(self.ctx, self.device, self.mac)
 
 
-@dataclass(frozen=True)
+@frozen
 class DelMulticast(Operation):
     mac: str
     kind: ClassVar[str] = "multicast-delete"
@@ -41,7 +41,7 @@ class DelMulticast(Operation):
         kernel.del_multicast(self.device, self.mac)
 
 
-@dataclass(frozen=True)
+@frozen
 class AddUnicast(Operation):
     mac: str
     kind: ClassVar[str] = "unicast-add"
@@ -56,7 +56,7 @@ class AddUnicast(Operation):
         return DelUnicast(self.ctx, self.device, self.mac)
 
 
-@dataclass(frozen=True)
+@frozen
 class DelUnicast(Operation):
     mac: str
     kind: ClassVar[str] = "unicast-delete"
@@ -68,7 +68,7 @@ class DelUnicast(Operation):
         kernel.del_unicast(self.device, self.mac)
 
 
-@dataclass(frozen=True)
+@frozen
 class SetAllmulti(Operation):
     on: bool
     kind: ClassVar[str] = "allmulti"
@@ -83,7 +83,7 @@ class SetAllmulti(Operation):
         return SetAllmulti(self.ctx, self.device, not self.on)
 
 
-@dataclass(frozen=True)
+@frozen
 class SetPromisc(Operation):
     on: bool
     kind: ClassVar[str] = "promisc"
@@ -98,7 +98,7 @@ class SetPromisc(Operation):
         return SetPromisc(self.ctx, self.device, not self.on)
 
 
-@dataclass(frozen=True)
+@frozen
 class SetAddress(Operation):
     mac: str
     prev_mac: str | None = None

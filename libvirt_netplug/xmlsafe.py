@@ -3,15 +3,63 @@
 libvirt's XML never carries a DTD, so we refuse any DOCTYPE outright (which also rules out
 external entities and entity-expansion bombs), never resolve entities, never touch the
 network, and cap the size at 10 MB.
+
+Hook side: ``etree`` (lxml's) is imported here, for every module of the hook path.
 """
 
 from __future__ import annotations
 
-from lxml import etree
+import sys
 
 from .errors import InputError
 
 MAX_XML_BYTES = 10 * 1024 * 1024
+
+# lxml.etree imports `inspect` (and with it ast, dis, tokenize: ~5 ms, a sixth of a hook) only
+# to bind a few of its functions, which it calls for parser targets (getfullargspec) and
+# incremental writers (isgenerator): nothing a hook uses. While lxml.etree loads, `inspect`
+# is a stand-in whose functions import the real module when first called; anything else
+# lxml asks of it fails the import, which is then made again with the real module.
+_INSPECT_NAMES = frozenset(("getfullargspec", "getargspec", "isgenerator"))
+
+
+def _inspect_function(name: str):
+    def call(*args, **kwargs):
+        if isinstance(sys.modules.get("inspect"), _StandIn):
+            del sys.modules["inspect"]
+        import inspect
+
+        return getattr(inspect, name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+class _StandIn(type(sys)):
+    def __getattr__(self, name: str):
+        if name not in _INSPECT_NAMES:
+            raise AttributeError(name)
+        return _inspect_function(name)
+
+
+def _import_etree():
+    if "lxml.etree" in sys.modules or "inspect" in sys.modules:
+        from lxml import etree
+        return etree
+    sys.modules["inspect"] = _StandIn("inspect")
+    try:
+        from lxml import etree
+    except ImportError:
+        etree = None  # it asked for more than the stand-in has: import it as it is
+    finally:
+        if isinstance(sys.modules.get("inspect"), _StandIn):
+            del sys.modules["inspect"]
+    if etree is None:
+        from lxml import etree
+    return etree
+
+
+etree = _import_etree()
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
                           dtd_validation=False, huge_tree=False, remove_comments=True,

@@ -338,7 +338,7 @@ class HookRig:
         by ``run``."""
         import importlib
 
-        for mod in ("hook", "model", "plan", "apply", "kernel", "policy", "state", "logsetup"):
+        for mod in ("hook", "model", "plan", "apply", "kernel", "policy", "state", "hooklog"):
             importlib.import_module(f"libvirt_netplug.{mod}")  # once, here: children inherit
         argv = self.argv(kind, obj, op, subop)
         data = xml.encode() if isinstance(xml, str) else xml

@@ -2,8 +2,10 @@
 them (root: journald runs in a private mount namespace, over a tmpfs /run, so the host's
 journal is never touched).
 
-Proves: logsetup sends each record natively (not through syslog) when journald runs, with the
-record's NETPLUG_* fields queryable by journalctl; a hook's component and priority are kept.
+Proves: logsetup (the agent's and the operator commands' logging) and hooklog (the hooks'
+logger, without the logging module) send each record natively (not through syslog) when
+journald runs, with the record's NETPLUG_* fields queryable by journalctl; a hook's component
+and priority are kept.
 """
 
 from __future__ import annotations
@@ -44,12 +46,20 @@ def journald():
         proc.wait(10)
 
 
-CHILD = """
+CHILDREN = {"logsetup": """
 import logging, sys
 from libvirt_netplug import logsetup
 root = logsetup.setup("qemu-hook", sys.stderr)
 assert [type(h).__name__ for h in root.handlers] == ["StreamHandler", "JournalHandler"]
 log = logging.getLogger("libvirt_netplug.apply")
+""", "hooklog": """
+import sys
+from libvirt_netplug import hooklog
+log = hooklog.setup("qemu-hook", sys.stderr)
+assert [type(h).__name__ for h in log.handlers] == ["_StreamSink", "JournalSink"]
+assert "logging" not in sys.modules
+"""}
+RECORDS = """
 log.info("add static FDB entry 52:54:00:00:00:01 on vnet0", extra={"netplug": {
     "domain": "vm1", "interface": "net0", "mac": "52:54:00:00:00:01", "bridge": "br0",
     "operation": "fdb-replace"}})
@@ -57,9 +67,10 @@ log.error("domain vm2: tap vnet9 does not exist", extra={"netplug": {"domain": "
 """
 
 
-def test_journalctl_finds_records_by_domain(journald):
-    p = subprocess.run([*journald, sys.executable, "-c", CHILD], capture_output=True,
-                       text=True, timeout=60)
+@pytest.mark.parametrize("logger", sorted(CHILDREN))
+def test_journalctl_finds_records_by_domain(journald, logger):
+    p = subprocess.run([*journald, sys.executable, "-c", CHILDREN[logger] + RECORDS],
+                       capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "netplug qemu-hook: INFO: add static FDB entry" in p.stderr  # stderr as before
 

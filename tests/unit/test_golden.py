@@ -18,7 +18,6 @@ tests/unit/test_golden.py  — then review the diff like code.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GOLDEN, REGEN_GOLDEN, SAMPLES
+from libvirt_netplug import values
 
 CONFIG = GOLDEN / "config.toml"
 OPS = ("start", "stopped")
@@ -165,7 +165,7 @@ def run_model(path: Path) -> dict:
     try:
         if b"<networkport" in data:
             port = parse_network_port(data)
-            d = dataclasses.asdict(port)
+            d = values.asdict(port)
             d["network"] = port.network.to_record()
             return {"networkport": d}
         return {"network": parse_network(data, lenient=True).to_record()}

@@ -20,11 +20,10 @@ only in its network's metadata.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from conftest import SAMPLES as SAMPLES_DIR
+from libvirt_netplug import values
 from libvirt_netplug.model import parse_domain, parse_network
 from libvirt_netplug.plan import bridge_intents
 from libvirt_netplug.policy import config_from_dict, policy_from_mapping
@@ -46,7 +45,7 @@ def networks_from(paths) -> dict:
     for p in paths:
         net = parse_network(p.read_bytes(), lenient=True)
         if net.name in NET_POLICY:
-            net = dataclasses.replace(net, policy=policy_from_mapping(
+            net = values.replace(net, policy=policy_from_mapping(
                 NET_POLICY[net.name], f"network {net.name}"))
         assert not net.policy.is_empty(), f"{p}: no netplug policy in its metadata"
         nets[net.name] = net

@@ -4,17 +4,22 @@ Proves: each <interface> type (bridge, network on a bridge, network on macvtap, 
 ethernet, hostdev, user, vhostuser) is parsed into the right fields; MACs are validated and
 normalized; interface names are checked like the kernel's dev_valid_name(); networks and
 network-hook ports parse into what the hooks need; only bridged NICs become bridge intents.
+The MAC and name checks (by hand) accept exactly what the regular expressions they replace
+accept, on arbitrary text (Unicode digits and spaces included).
 """
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given, strategies as st
 
 from conftest import SAMPLES
 from fakes import bridge_iface, domain_xml, hookdata, network_xml, networkport_xml, policy_xml
 from libvirt_netplug.errors import InputError, PolicyError
-from libvirt_netplug.model import (check_ifname, check_mac, parse_domain, parse_network,
-                                   parse_network_port, Network)
+from libvirt_netplug.model import (IFNAMSIZ, check_ifname, check_mac, ifname_ok, _is_mac,
+                                   parse_domain, parse_network, parse_network_port, Network)
 from libvirt_netplug.plan import bridge_intents, interface_bridge
 from libvirt_netplug.policy import Config
 
@@ -208,3 +213,26 @@ def test_parse_network_port():
 def test_network_port_names_its_owner_in_errors():
     with pytest.raises(InputError, match="network mgd port of domain vm9: invalid MAC"):
         parse_network_port(hookdata(network_xml(), networkport_xml("vm9", "nope")))
+
+
+# -- MAC and interface-name checks: by hand, as the regular expressions they replace ----------
+
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+IFNAME_BAD = re.compile(r"[/:\s\x00]")
+MACLIKE = st.text(alphabet="0123456789abcdefABCDEFgG:-\x00 ٠\u00a0", min_size=15, max_size=19)
+NAMES = st.text(alphabet=st.characters(), max_size=17) | st.sampled_from(
+    ["vnet0", "a b", "a\u2003b", "a\x1cb", "a\u0085b", "é" * 8, "a/b", "a:b", ".", ".."])
+
+
+@given(st.one_of(MACLIKE, st.text(max_size=20),
+                 st.lists(st.text(alphabet="0123456789abcdefABCDEF\u0661", min_size=2,
+                                  max_size=2), min_size=6, max_size=6).map(":".join)))
+def test_mac_check_matches_the_regular_expression(text):
+    assert _is_mac(text) is (MAC_RE.fullmatch(text) is not None)
+
+
+@given(NAMES)
+def test_ifname_check_matches_the_regular_expression(name):
+    want = bool(name) and len(name.encode("utf-8", "surrogateescape")) < IFNAMSIZ and \
+        name not in (".", "..") and IFNAME_BAD.search(name) is None
+    assert ifname_ok(name) is want

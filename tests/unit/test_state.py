@@ -196,3 +196,56 @@ def test_file_names_are_urllib_quoting_without_importing_it():
     for n in names:
         assert quote(n) == urllib.parse.quote(n, safe=""), n
         assert unquote(quote(n)) == n == urllib.parse.unquote(quote(n))
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_the_lock_is_released_on_an_error_and_after_a_timeout(tmp_path):
+    """state.lock() is a class, not contextlib's: it acquires on enter, releases on exit
+    whatever happens in the block, and leaves no descriptor behind when it times out."""
+    s = StateDir(str(tmp_path))
+    before = _fds()
+    with pytest.raises(RuntimeError):
+        with s.lock():
+            raise RuntimeError("in the block")
+    assert _fds() == before
+    ready, release = CTX.Event(), CTX.Event()
+    holder = CTX.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        before = _fds()
+        with pytest.raises(StateError, match="lock held"):
+            with s.lock(timeout=0.05):
+                pass
+        assert _fds() == before
+    finally:
+        release.set()
+        holder.join(10)
+    with s.lock(timeout=0.3):
+        with pytest.raises(StateError, match="lock held"):
+            with StateDir(str(tmp_path)).lock(timeout=0.05):
+                pass  # exclusive, also within one process
+
+
+def test_copy_record_is_deepcopy_for_records():
+    import copy
+
+    from libvirt_netplug.state import copy_record
+
+    rec = {"domain": "vm1", "version": 2, "uuid": None, "ports": {
+        "vnet0": {"mac": "52:54:00:00:00:01", "ifindex": 7, "fdb": [["52:54:00:00:00:01", None],
+                                                                     ["52:54:00:00:00:01", 10]],
+                  "flags": True, "saved": [True, False], "policy": {"promiscLinks": "no"},
+                  "weight": 1.5, "pair": ("a", ["b"])}},
+           "rx": {}, "odd": {1, 2}}
+    got = copy_record(rec)
+    assert got == copy.deepcopy(rec) == rec
+    assert type(got["ports"]["vnet0"]["pair"]) is tuple
+    got["ports"]["vnet0"]["fdb"][0][1] = 5
+    got["ports"]["vnet0"]["pair"][1].append("c")
+    got["odd"].add(3)
+    assert rec["ports"]["vnet0"]["fdb"][0][1] is None and rec["ports"]["vnet0"]["pair"] == \
+        ("a", ["b"]) and rec["odd"] == {1, 2}
