@@ -40,6 +40,7 @@ class _Context:
         self.log = log
         self.state = StateDir(state_dir)
         self.errors = 0
+        self.in_sync = False  # the run only read: everything was already as it should be
         self.config_error: str | None = None
         try:
             self.config = load_config(config, cache=self.state)
@@ -134,6 +135,7 @@ def _sync_ports(ctx: _Context, name: str, intents: list, op: str, *,
     if not any(it.managed or it.hold or it.claims for it in intents) and not pick(record):
         for n in plan_ports(intents, None).notes:
             ctx.note(n)
+        ctx.in_sync = True
         return
     def owner_of(tap: str, ifindex: int) -> str | None:
         return ctx.state.port_owner(tap, ifindex, me=name)
@@ -149,6 +151,7 @@ def _sync_ports(ctx: _Context, name: str, intents: list, op: str, *,
                                    and not record.get("rx")):
                 for n in plan.notes:
                     ctx.note(n)
+                ctx.in_sync = True
                 return  # in sync: nothing to change, nothing to write, no lock taken
         with ctx.state.lock():
             record = _own_record(ctx, name)
@@ -418,8 +421,12 @@ def _main(kind: str, obj: str, op: str, argv: list[str], stdin, config: str | No
         return 0
     errors = _ErrorCounter()
     log.addHandler(errors)
-    rc = _handle(kind, obj, op, stdin, config, state_dir, log)
+    rc, ctx = _handle(kind, obj, op, stdin, config, state_dir, log)
     log.removeHandler(errors)
+    if ctx is not None and ctx.in_sync and not errors.count and rc == 0:
+        # A replay that found everything in place (every `reconnect` of a libvirtd restart,
+        # usually) stays read-only: its result is the one already recorded.
+        return rc
     # What `netplug status` shows as this domain's (network's) last hook run. Best effort.
     from . import hookresult
     from .state import state_dir_path
@@ -431,7 +438,8 @@ def _main(kind: str, obj: str, op: str, argv: list[str], stdin, config: str | No
 
 
 def _handle(kind: str, obj: str, op: str, stdin, config: str | None, state_dir: str | None,
-            log) -> int:
+            log) -> tuple[int, "_Context | None"]:
+    """The run's exit status, and its context (None when it failed before having one)."""
     from .errors import NetplugError
 
     ctx = None
@@ -447,16 +455,16 @@ def _handle(kind: str, obj: str, op: str, stdin, config: str | None, state_dir: 
         if ctx is not None:
             ctx.errors += 1
         else:
-            return 0
+            return 0, None
     except Exception:  # noqa: BLE001 - a programmer error must still never kill a VM
         log.exception("%s %s %s: internal error", kind, obj, op)
         if op == "reconnect":
-            return 0
-        return 1 if (ctx and ctx.strict and op in STRICT_OPS) else 0
+            return 0, ctx
+        return (1 if (ctx and ctx.strict and op in STRICT_OPS) else 0), ctx
     if ctx is not None and ctx.errors and ctx.strict and op in STRICT_OPS:
         log.error("%s %s %s: failing the operation because strict mode is on", kind, obj, op)
-        return 1
-    return 0
+        return 1, ctx
+    return 0, ctx
 
 
 class _ErrorCounter:

@@ -91,7 +91,8 @@ def test_hook_by_hand_uses_the_installed_hooks_paths(tmp_path, monkeypatch, caps
     xml = domain_xml("vm1", [bridge_iface("br0", "tap0", "52:54:00:00:00:01", "net0")])
     monkeypatch.setattr("sys.stdin", type("In", (), {"buffer": __import__("io").BytesIO(
         xml.encode())})())
-    assert cli.main(["hook", "--hooks-dir", str(hooks), "qemu", "vm1", "started", "begin",
+    # `stopped` always records its run (a replay in sync would only read).
+    assert cli.main(["hook", "--hooks-dir", str(hooks), "qemu", "vm1", "stopped", "end",
                      "-"]) == 0
     # The hooks' state dir, not the default one: the run's result is recorded there.
     assert (state / "hooks" / "qemu" / "vm1.json").exists()
