@@ -102,9 +102,14 @@ _IMMUTABLE = frozenset((str, int, float, bool))
 # -- record shapes ----------------------------------------------------------------------------
 
 
+_MAC_CHARS = frozenset("0123456789abcdef:")
+
+
 def _is_mac(v: Any) -> bool:
-    return isinstance(v, str) and len(v) == 17 and all(
-        len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in v.split(":"))
+    # Five colons, each where it belongs, and nothing but lower-case hex around them: set
+    # operations in C (reconcile checks every record of the host on each run).
+    return (isinstance(v, str) and len(v) == 17 and v.count(":") == 5 and
+            v[2] == v[5] == v[8] == v[11] == v[14] == ":" and _MAC_CHARS.issuperset(v))
 
 
 def _is_vid(v: Any) -> bool:
@@ -284,10 +289,21 @@ class StateDir:
         except StateError as e:
             raise StateError(f"state file {e}; delete it and run 'netplug reconcile'") from None
         try:
-            with os.fdopen(fd, "rb") as f:
-                data = f.read(MAX_RECORD_BYTES + 1)
+            # Read what fstat says is there (plus one byte, to see a file that grew past the
+            # cap): a buffered read of MAX_RECORD_BYTES would allocate that much per record.
+            size = os.fstat(fd).st_size
+            chunks, got = [], 0
+            while got <= min(size, MAX_RECORD_BYTES):
+                chunk = os.read(fd, min(size, MAX_RECORD_BYTES) + 1 - got)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+            data = b"".join(chunks)
         except OSError as e:
             raise StateError(f"state file {path}: unreadable ({e.strerror})") from None
+        finally:
+            os.close(fd)
         if len(data) > MAX_RECORD_BYTES:
             raise StateError(f"state file {path}: over {MAX_RECORD_BYTES} bytes; delete it "
                              f"and run 'netplug reconcile'")
