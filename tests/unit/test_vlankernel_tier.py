@@ -97,3 +97,79 @@ def test_pytest_script_exports_what_the_guest_needs(tmp_path):
                  "export NETPLUG_REQUIRE_ALL=1", f"modprobe -d {tmp_path} -a bridge",
                  "-p no:cacheprovider", f"--junitxml={vm.GUEST_DIR}/junit.xml"):
         assert line in script, line
+
+
+class _FakeQemu:
+    """A QMP server on a unix socket, as QEMU's `-qmp unix:…,server=on` (one client)."""
+
+    def __init__(self, path: str):
+        import socket
+        import threading
+
+        self.commands: list[dict] = []
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(path)
+        self.srv.listen(1)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        self.done = False
+
+    def poll(self):  # the relay's view of the QEMU process
+        return 0 if self.done else None
+
+    def _serve(self) -> None:
+        import json
+
+        conn, _ = self.srv.accept()
+        with conn, conn.makefile("rwb") as f:
+            f.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            f.flush()
+            for line in f:
+                cmd = json.loads(line)
+                self.commands.append(cmd)
+                if cmd["execute"] == "query-rx-filter":
+                    # An event first: the relay must skip it and return the answer.
+                    f.write(b'{"event": "NIC_RX_FILTER_CHANGED", "data": {}}\n')
+                    f.write(b'{"return": [{"name": "uplinknic", "promiscuous": false}]}\n')
+                else:
+                    f.write(b'{"return": {}}\n')
+                f.flush()
+
+
+def test_qmp_relay_answers_allowed_commands_and_refuses_others(tmp_path):
+    """The guest asks through files in the run directory; the relay answers whole files, runs
+    only query-rx-filter, and stops with QEMU."""
+    import json
+    import time
+
+    qemu = _FakeQemu(str(tmp_path / "qmp.sock"))
+    relay = vm.QmpRelay(str(tmp_path / "qmp.sock"), tmp_path, qemu)
+    relay.POLL = 0.01
+    relay.start()
+    (tmp_path / "qmp-request-1.json").write_text(json.dumps(
+        {"execute": "query-rx-filter", "arguments": {"name": "uplinknic"}}))
+    (tmp_path / "qmp-request-2.json").write_text(json.dumps({"execute": "quit"}))
+    (tmp_path / "qmp-request-3.json").write_text("{not json")
+    deadline = time.monotonic() + 10  # a hang bound only
+    while len(list(tmp_path.glob("qmp-reply-*.json"))) < 3:
+        assert time.monotonic() < deadline, sorted(p.name for p in tmp_path.iterdir())
+        time.sleep(0.01)
+    reply = {n: json.loads((tmp_path / f"qmp-reply-{n}.json").read_text()) for n in (1, 2, 3)}
+    assert reply[1] == {"return": [{"name": "uplinknic", "promiscuous": False}]}
+    assert "not allowed" in reply[2]["error"]["desc"]
+    assert "bad request" in reply[3]["error"]["desc"]
+    assert not list(tmp_path.glob("qmp-request-*"))  # every request consumed
+    assert [c["execute"] for c in qemu.commands] == ["qmp_capabilities", "query-rx-filter"]
+    qemu.done = True
+    relay.join(10)
+    assert not relay.is_alive()
+
+
+def test_the_vm_has_a_virtio_nic_and_a_qmp_socket(tmp_path):
+    image = Image(KernelTree("linux-image-test", "6.1.0-test", tmp_path / "vmlinuz", tmp_path),
+                  tmp_path / "initrd")
+    argv = vm.qemu_argv(image, tmp_path, 1024, 1, qmp_socket="/tmp/x/qmp.sock")
+    assert f"virtio-net-pci,netdev=uplink,id={vm.UPLINK_NIC_ID},mac={vm.UPLINK_NIC_MAC}," \
+           "romfile=" in argv
+    assert argv[argv.index("-qmp") + 1] == "unix:/tmp/x/qmp.sock,server=on,wait=off"
+    assert "virtio_net" in vm.TEST_MODULES

@@ -9,18 +9,26 @@ status) go back through it. QEMU's serial console is the job's stdout; it is kep
 Why TCG: KVM hangs on the development VMs (FIELD-NOTES). Why the host's root and not an image:
 nothing to build or keep in sync, and the code under test is exactly the worktree's.
 
+The guest also has a virtio-net NIC (on a QEMU hub with nothing else on it): a NIC driver
+that filters unicast in the device, as a host's real uplink does. QEMU's own view of that NIC's
+RX filter (`query-rx-filter`) is an oracle outside the guest kernel; a test inside asks for it
+through the run directory (:class:`QmpRelay`, and ``inner/qmp.py`` on the guest side).
+
 Host side only. Entry points: :func:`run_job` (any sh script), :func:`run_pytest`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,7 +42,10 @@ GUEST_DIR = "/run/netplug-vm"  # where the run directory appears inside the gues
 INNER_TESTS = "tests/vlankernel/inner"
 # Loaded before the job runs: module autoloading inside the guest would look for modprobe in
 # the initramfs, which has none that knows the cached kernel tree.
-TEST_MODULES = ("bridge", "veth", "tun", "macvlan", "macvtap", "dummy", "8021q")
+TEST_MODULES = ("bridge", "veth", "tun", "macvlan", "macvtap", "dummy", "8021q", "virtio_net")
+# The guest's virtio-net NIC: its QEMU id (for query-rx-filter) and MAC.
+UPLINK_NIC_ID = "uplinknic"
+UPLINK_NIC_MAC = "52:54:00:12:34:56"
 KEEP_RUNS = 10
 # What the guest prints on its console (tests/vlankernel/init).
 MARK = re.compile(r"^NETPLUG-VM (init|job|pytest|done rc=\d+) ([\d.]+)", re.M)
@@ -84,7 +95,8 @@ def _run_dir(image: Image) -> Path:
     return d
 
 
-def qemu_argv(image: Image, run_dir: Path, memory_mib: int, cpus: int) -> list[str]:
+def qemu_argv(image: Image, run_dir: Path, memory_mib: int, cpus: int,
+              qmp_socket: str | None = None) -> list[str]:
     # mitigations=off: speculative-execution defences cost emulated cycles and protect nothing
     # in a throwaway VM; tsc=reliable: no clocksource watchdog fighting TCG's uneven clock.
     append = "console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off tsc=reliable"
@@ -97,7 +109,11 @@ def qemu_argv(image: Image, run_dir: Path, memory_mib: int, cpus: int) -> list[s
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
         "-fsdev", f"local,id=out,path={run_dir},security_model=none",
         "-device", "virtio-9p-pci,fsdev=out,mount_tag=netplugout",
-    ]
+        # romfile=: no iPXE option ROM (nothing boots from this NIC).
+        "-netdev", "hubport,id=uplink,hubid=0",
+        "-device", f"virtio-net-pci,netdev=uplink,id={UPLINK_NIC_ID},mac={UPLINK_NIC_MAC},"
+                   "romfile=",
+    ] + (["-qmp", f"unix:{qmp_socket},server=on,wait=off"] if qmp_socket else [])
 
 
 def run_job(script: str, *, timeout: float = 600, memory_mib: int = 1024, cpus: int = 1,
@@ -107,7 +123,9 @@ def run_job(script: str, *, timeout: float = 600, memory_mib: int = 1024, cpus: 
     image = image or build()
     run_dir = _run_dir(image)
     (run_dir / "job").write_text(script)
-    argv = qemu_argv(image, run_dir, memory_mib, cpus)
+    # The QMP socket's path must fit sockaddr_un (108 bytes): a short temp dir, not run_dir.
+    qmp_dir = tempfile.mkdtemp(prefix="npvm-qmp-")
+    argv = qemu_argv(image, run_dir, memory_mib, cpus, qmp_socket=f"{qmp_dir}/qmp.sock")
     (run_dir / "qemu.argv").write_text(shlex.join(argv) + "\n")
     t0 = time.monotonic()
     timed_out = False
@@ -116,6 +134,8 @@ def run_job(script: str, *, timeout: float = 600, memory_mib: int = 1024, cpus: 
     copier = threading.Thread(target=_keep_console, daemon=True,
                               args=(proc, run_dir / "console.log", on_line))
     copier.start()
+    relay = QmpRelay(f"{qmp_dir}/qmp.sock", run_dir, proc)
+    relay.start()
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -123,6 +143,8 @@ def run_job(script: str, *, timeout: float = 600, memory_mib: int = 1024, cpus: 
         proc.kill()  # our own QEMU, by its pid
         proc.wait()
     copier.join(10)
+    relay.join(10)
+    shutil.rmtree(qmp_dir, ignore_errors=True)
     seconds = time.monotonic() - t0
     rc = None
     try:
@@ -132,6 +154,76 @@ def run_job(script: str, *, timeout: float = 600, memory_mib: int = 1024, cpus: 
     text = (run_dir / "console.log").read_text(errors="replace")
     marks = {m.group(1).split()[0]: float(m.group(2)) for m in MARK.finditer(text)}
     return Result(rc, run_dir, seconds, timed_out, marks)
+
+
+class QmpRelay(threading.Thread):
+    """Runs the QMP commands a job asks for: the guest writes ``qmp-request-N.json`` (one
+    command) into the run directory, this thread sends it to QEMU and writes the answer to
+    ``qmp-reply-N.json`` (renamed into place whole). Only what the guest's tests may read
+    about their own VM is allowed (``ALLOWED``). Ends when QEMU does."""
+
+    ALLOWED = frozenset({"query-rx-filter"})
+    POLL = 0.05
+
+    def __init__(self, path: str, run_dir: Path, proc: subprocess.Popen):
+        super().__init__(daemon=True)
+        self.path, self.run_dir, self.proc = path, run_dir, proc
+
+    def run(self) -> None:
+        try:
+            self._serve()
+        except OSError:
+            pass  # QEMU went away (the job's end): a waiting test times out and says so
+
+    def _serve(self) -> None:
+        sock = self._connect()
+        if sock is None:
+            return
+        with sock, sock.makefile("rwb") as f:
+            f.readline()  # the greeting
+            self._call(f, {"execute": "qmp_capabilities"})
+            while self.proc.poll() is None:
+                for req in sorted(self.run_dir.glob("qmp-request-*.json")):
+                    self._answer(f, req)
+                time.sleep(self.POLL)
+
+    def _connect(self) -> socket.socket | None:
+        while self.proc.poll() is None:
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(self.path)
+                return s
+            except OSError:
+                s.close()
+                time.sleep(self.POLL)
+        return None
+
+    @staticmethod
+    def _call(f, command: dict) -> dict:
+        f.write(json.dumps(command).encode() + b"\n")
+        f.flush()
+        while True:
+            line = f.readline()
+            if not line:
+                raise OSError("QMP closed")
+            msg = json.loads(line)
+            if "return" in msg or "error" in msg:
+                return msg  # events in between are skipped
+
+    def _answer(self, f, req: Path) -> None:
+        reply = req.with_name(req.name.replace("request", "reply"))
+        try:
+            command = json.loads(req.read_text())
+            if command.get("execute") not in self.ALLOWED:
+                answer = {"error": {"desc": f"not allowed here: {command.get('execute')}"}}
+            else:
+                answer = self._call(f, command)
+        except (ValueError, AttributeError) as e:
+            answer = {"error": {"desc": f"bad request: {e}"}}
+        tmp = reply.with_suffix(".tmp")
+        tmp.write_text(json.dumps(answer))
+        tmp.rename(reply)
+        req.unlink()
 
 
 def _keep_console(proc: subprocess.Popen, path: Path,

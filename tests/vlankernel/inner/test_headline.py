@@ -3,16 +3,21 @@
 With bridge VLAN filtering on and every port but the uplink out of learning and flooding, the
 kernel (br_manage_promisc) takes the uplink out of promiscuous mode and puts the guests' MACs in
 its unicast filter. The uplink is a macvlan (it can filter unicast; see vlanworld.py), so its
-``promiscuity`` shows the effect. Frames injected from the outside host show what the guests
+``promiscuity`` shows the effect; one test uses the VM's virtio-net NIC instead, with QEMU's
+view of the device's RX filter as a second oracle. Frames injected from the outside host show what the guests
 receive. Controls (before netplug, a port that still floods, after stop) show the same reads do
 see the opposite, so the tests can fail.
 """
 
 from __future__ import annotations
 
+import subprocess
+
 from fakes import bridge_iface, domain_xml, guest_mac, hookdata, network_iface, network_xml, \
     policy_xml
 
+from .qmp import nic_rx_filter, virtio_nic
+from .test_doctor import bridge, doctor
 from .vlanworld import BROADCAST, UNKNOWN, UPLINK, VlanWorld, port_flags, promiscuity, \
     unicast_list, vlan_filtering
 
@@ -84,3 +89,40 @@ def test_frames_with_vlan_filtering_reach_only_their_guest(ns, rig):
     assert vlan_filtering(ns, "nbr0") == 1
     assert promiscuity(ns, UPLINK) == 0
     assert world.probe(FRAMES) == ISOLATED
+
+
+def test_a_virtio_nic_uplink_leaves_promiscuous_mode_in_the_device(ns, rig, tmp_path):
+    """The same effect on a NIC driver, as on a host: the VM's virtio-net NIC (QEMU's
+    virtio-net-pci) as the bridge's uplink. Two oracles: the guest kernel (promiscuity, the
+    NIC's unicast list) and QEMU, outside the guest kernel, which reports what the driver told
+    the device (`query-rx-filter`: promiscuous or not, and the unicast table)."""
+    nic = virtio_nic()
+    # Into the test namespace; a NIC goes back to the initial one when the namespace is deleted.
+    subprocess.run(["ip", "link", "set", "dev", nic, "netns", ns.name], check=True, timeout=20)
+    ns.ip("link", "add", "br0", "type", "bridge", "forward_delay", "0", "vlan_filtering", "0")
+    ns.ip("link", "set", nic, "master", "br0")
+    for dev in (nic, "br0"):
+        ns.ip("link", "set", dev, "up")
+    world = VlanWorld(ns)
+    world.add_tap("tapA", A).add_tap("tapB", B)
+    rig.write_config(CONFIG)
+    # Control: every port floods; the NIC is promiscuous, in the kernel and in the device.
+    assert promiscuity(ns, nic) == 1
+    assert nic_rx_filter()["promiscuous"] is True
+
+    vm1 = domain_xml("vm1", [bridge_iface("br0", "tapA", A, "net0"),
+                             bridge_iface("br0", "tapB", B, "net1")])
+    r = rig.run_ok("qemu", "vm1", "start", vm1)
+    assert vlan_filtering(ns, "br0") == 1, r
+    assert promiscuity(ns, nic) == 0, r
+    assert {A, B} <= unicast_list(ns, nic), r
+    device = nic_rx_filter()
+    assert device["promiscuous"] is False, device
+    assert {A, B} <= set(device["unicast-table"]), device
+    br, f = bridge(doctor(ns, rig, tmp_path, vm1))
+    assert br["goal_reached"] and f["uplink"]["level"] == "ok", br
+
+    r = rig.run_ok("qemu", "vm1", "stopped", vm1, subop="end")
+    assert promiscuity(ns, nic) == 1, r
+    device = nic_rx_filter()
+    assert device["promiscuous"] is True and not {A, B} & set(device["unicast-table"]), device
