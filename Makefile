@@ -31,6 +31,7 @@ test-vlankernel: deps
 
 bench: deps
 	$(PY) bench/hook_latency.py
+	$(PY) bench/hook_floor.py
 	$(PY) bench/restart_storm.py
 	$(PY) bench/reconcile_scale.py
 	$(PY) bench/rx_sync_latency.py
