@@ -137,6 +137,17 @@ class NetNS:
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30, **kw: Any) -> Any:
         """Run ``fn(*args, **kw)`` in a forked child inside the namespace; return its result."""
+        status, value = self.fork_call(fn, *args, timeout=timeout, **kw)
+        if status != 0 and value is None:
+            raise ChildError(f"{fn.__name__} in {self.name}: the child exited with status "
+                             f"{status} and no result")
+        return value
+
+    def fork_call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30, **kw: Any
+                  ) -> tuple[int, Any]:
+        """Run ``fn(*args, **kw)`` in a forked child inside the namespace; return (its exit
+        status, its result). A child that dies on purpose (os._exit) before returning gives
+        (status, None); an exception in it is raised here as ChildError with its traceback."""
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
@@ -173,12 +184,15 @@ class NetNS:
                     data += chunk
         finally:
             os.close(r)
-            os.waitpid(pid, 0)
+            _, wstatus = os.waitpid(pid, 0)
+        status = os.waitstatus_to_exitcode(wstatus)
+        if not data:
+            return status, None
         kind, value = pickle.loads(bytes(data))
         if kind == "err":
             name, msg, tb = value
             raise ChildError(f"{name}: {msg}\n--- in namespace {self.name} ---\n{tb}")
-        return value
+        return status, value
 
     # -- building topologies -----------------------------------------------------------------
 

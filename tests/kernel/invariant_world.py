@@ -39,19 +39,15 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import select
-import signal
 import subprocess
 import time
-import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import oracle
 from fakes import (bridge_iface, domain_xml, hookdata, network_iface, network_xml,
                    networkport_xml, policy_xml, tap_mac)
-from netns import HookRig, HookRun, NetNS, setns
+from netns import HookRig, HookRun, NetNS
 from polling import wait_for
 
 MANAGED, UNTOUCHED, EITHER = "managed", "untouched", "either"
@@ -185,51 +181,6 @@ def make_domains(spec: list[list[str]]) -> list[Dom]:
 
 
 # -- running code in the namespace -------------------------------------------------------------
-
-
-def fork_in_ns(ns: NetNS, fn: Callable[..., Any], *args: Any, timeout: float = 60
-               ) -> tuple[int, Any]:
-    """Run fn(*args) in a forked child inside ``ns``; return (exit status, pickled result or
-    None). Unlike NetNS.call the child may die on purpose (os._exit) without a result."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        status = 0
-        try:
-            os.close(r)
-            setns(ns.name)
-            payload = ("ok", fn(*args))
-        except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
-            status = 1
-            payload = ("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-        with os.fdopen(w, "wb") as f:
-            f.write(pickle.dumps(payload))
-        os._exit(status)
-    os.close(w)
-    data = bytearray()
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                os.kill(pid, signal.SIGKILL)
-                raise AssertionError(f"{fn.__name__} in {ns.name}: no answer after {timeout} s")
-            ready, _, _ = select.select([r], [], [], left)
-            if ready:
-                chunk = os.read(r, 1 << 16)
-                if not chunk:
-                    break
-                data += chunk
-    finally:
-        os.close(r)
-        _, wstatus = os.waitpid(pid, 0)
-    status = os.waitstatus_to_exitcode(wstatus)
-    if not data:
-        return status, None
-    kind, value = pickle.loads(bytes(data))
-    if kind == "err":
-        raise AssertionError(f"in namespace {ns.name}: {value}")
-    return status, value
 
 
 def _hook_killed(argv: list[str], kind: str, data: bytes, config: str, state_dir: str,
@@ -402,8 +353,8 @@ class World:
         (False: it made fewer writes and finished)."""
         argv = self.rig.argv(kind, obj, op, subop)
         out, err = os.path.join(self.root, "killed.out"), os.path.join(self.root, "killed.err")
-        status, _ = fork_in_ns(self.ns, _hook_killed, argv, kind, xml.encode(),
-                               self.rig.config, self.rig.state_dir, kill_after, out, err)
+        status, _ = self.ns.fork_call(_hook_killed, argv, kind, xml.encode(), self.rig.config,
+                                      self.rig.state_dir, kill_after, out, err, timeout=60)
         with open(out, "rb") as f:
             stdout = f.read()
         with open(err) as f:
@@ -600,7 +551,7 @@ class World:
         out, err = os.path.join(self.root, "rec.out"), os.path.join(self.root, "rec.err")
         argv = ["reconcile", "--connect", f"test://{self.node}", "--config", self.rig.config,
                 "--state-dir", self.rig.state_dir, "--no-guest-query"]
-        status, rc = fork_in_ns(self.ns, _reconcile, argv, out, err)
+        status, rc = self.ns.fork_call(_reconcile, argv, out, err, timeout=60)
         with open(err) as f:
             stderr = f.read()
         if status != 0 or rc not in (0, 1, 2) or "Traceback" in stderr:
