@@ -18,16 +18,5 @@ case "${VERSION_CODENAME:-}" in
     bookworm) ;;
     *) PKGS="$PKGS libvirt-daemon-driver-network" ;;
 esac
-missing=""
-for p in $PKGS; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-    echo "setup-host: installing:$missing" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >/dev/null
-    # shellcheck disable=SC2086
-    apt-get install -y -q --no-install-recommends $missing >/dev/null
-else
-    echo "setup-host: Debian packages present" >&2
-fi
+# shellcheck disable=SC2086
+exec "$(dirname "$0")/apt-ensure.sh" setup-host $PKGS
