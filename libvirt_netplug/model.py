@@ -41,11 +41,24 @@ def check_mac(mac: str | None, where: str, *, unicast: bool = True) -> str:
     return mac
 
 
+def _name_bytes(name: str) -> bytes | None:
+    """The bytes Linux would get for ``name`` (names from argv carry undecodable bytes as
+    surrogate escapes), or None when no bytes give it (a lone surrogate, e.g. a JSON
+    record's "\\ud800")."""
+    try:
+        return name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return None
+
+
 def ifname_ok(name: str | None) -> bool:
     """Linux's dev_valid_name(): 1-15 bytes, not '.'/'..', no '/', ':' or whitespace
     (``[/:\\s\\x00]``; str.split() splits at what a str pattern's \\s matches)."""
-    return bool(name) and len(name.encode("utf-8", "surrogateescape")) < IFNAMSIZ and \
-        name not in (".", "..") and _IFNAME_BAD.isdisjoint(name) and name.split() == [name]
+    if not name:
+        return False
+    raw = _name_bytes(name)
+    return raw is not None and len(raw) < IFNAMSIZ and name not in (".", "..") and \
+        _IFNAME_BAD.isdisjoint(name) and name.split() == [name]
 
 
 def check_ifname(name: str | None, where: str) -> str:
@@ -54,8 +67,8 @@ def check_ifname(name: str | None, where: str) -> str:
         return name
     if name is None or name == "":
         raise InputError(f"{where}: empty interface name")
-    raw = name.encode("utf-8", "surrogateescape")
-    if len(raw) >= IFNAMSIZ:
+    raw = _name_bytes(name)
+    if raw is not None and len(raw) >= IFNAMSIZ:
         raise InputError(f"{where}: interface name {name!r} is {len(raw)} bytes; Linux allows "
                          f"at most {IFNAMSIZ - 1}")
     raise InputError(f"{where}: {name!r} is not a valid Linux interface name (no '/', "

@@ -117,7 +117,13 @@ def _is_vid(v: Any) -> bool:
 
 
 def _is_name(v: Any) -> bool:
-    return isinstance(v, str) and 0 < len(v.encode()) < 16 and "/" not in v
+    if not isinstance(v, str) or "/" in v:
+        return False
+    try:
+        size = len(v.encode())
+    except UnicodeEncodeError:  # a lone surrogate, which JSON's "\ud800" can carry
+        return False
+    return 0 < size < 16
 
 
 def port_record_problem(tap: Any, rec: Any) -> str | None:

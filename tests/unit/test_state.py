@@ -74,6 +74,26 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     assert "\n" not in str(e.value)
 
 
+LONE = "\\ud800"  # JSON's escape for a lone surrogate: a str no bytes encode
+
+
+@pytest.mark.parametrize("text", [
+    f'{{"ports": {{"{LONE}": {{}}}}}}',                                        # the tap's name
+    f'{{"ports": {{"vnet0": {{"mac": "52:54:00:00:00:01", "bridge": "{LONE}", '
+    f'"ifindex": 3}}}}}}',                                                    # its bridge
+    f'{{"ports": {{"vnet0": {{"mac": "{LONE}", "bridge": "br0", "ifindex": 3}}}}}}',
+    f'{{"rx": {{"{LONE}": {{}}}}}}',                                           # a macvtap's name
+])
+def test_a_record_with_a_lone_surrogate_is_its_own_domains_error(tmp_path, text):
+    """Seen by a property test: encoding such a name raised UnicodeEncodeError out of the
+    record check, which would have stopped reconcile and status for every domain."""
+    s = StateDir(str(tmp_path))
+    s.put_domain("good", {"domain": "good", "ports": {"vnet1": port(1)}})
+    (tmp_path / "domains" / "bad.json").write_text(text)
+    assert sorted(s.domains()) == ["good"]
+    assert list(s.record_errors()) == ["bad"] and "bad.json" in s.record_errors()["bad"]
+
+
 def test_first_time_and_forget(tmp_path):
     s = StateDir(str(tmp_path))
     assert s.first_time("unmanaged:mgd:x") and not s.first_time("unmanaged:mgd:x")
