@@ -253,6 +253,32 @@ def inject(dev: str, frames: Iterable[bytes]) -> None:
             s.send(f)
 
 
+PACKET_OUTGOING = 4  # sockaddr_ll.sll_pkttype of a frame this host sends out of the device
+
+
+def frames_out_of(dev: str, inject_dev: str, dst: str, count: int, tag: str,
+                  wait: float = 0.3) -> int:
+    """Inject ``count`` test frames to ``dst`` out of ``inject_dev`` and count how many of
+    them this host then sends out of ``dev`` (e.g. a guest's tap, towards QEMU). Only those
+    frames count (the test ethertype, ``tag``, ``dst``): other traffic on ``dev`` — a guest's
+    own multicast, say — does not."""
+    want = mac_bytes(dst)
+    seen = 0
+    # ETH_P_ALL: the kernel shows frames a device sends only to packet sockets of every type.
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        s.bind((dev, 0))
+        inject(inject_dev, [frame(dst, "02:00:00:00:00:aa", tag)] * count)
+        deadline = time.monotonic() + wait  # forwarding is synchronous: slack for a busy host
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([s], [], [], left)[0]:
+                break
+            raw, addr = s.recvfrom(65535)
+            if addr[2] == PACKET_OUTGOING and raw[:6] == want and tag_of(raw) == tag:
+                seen += 1
+    return seen
+
+
 def wait_forwarding(ports: Iterable[str], timeout: float = 3.0) -> None:
     """Wait until every port is in the bridge's forwarding state (reads sysfs-free netlink via
     `bridge -j link show` in this namespace)."""

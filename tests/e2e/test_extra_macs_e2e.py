@@ -8,7 +8,8 @@ such a MAC would otherwise get no unicast at all.
 vm1 has two NICs on br0 (a host bridge with an uplink; promiscLinks='no' from the config):
     eth0  domain metadata rxFilters="unicast"  -> its macvlan's MAC gets an entry, frames reach it
     eth1  no such policy                      -> its macvlan's MAC gets nothing
-Frames are injected at the uplink's test-host end and counted on each tap (tx_packets).
+Frames are injected at the uplink's test-host end and counted as they leave each tap (a packet
+socket on the tap: those frames only, not the guest's own multicast).
 """
 
 from __future__ import annotations
