@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import pytest
 import oracle
 from conftest import SAMPLES
 from netns import NetNS
+from polling import wait_for
 
 CAPTURES = sorted(p for p in SAMPLES.glob("captured*") if (p / "index.json").exists())
 NS = "urn:x-libvirt-netplug:1"
@@ -122,10 +122,8 @@ class Libvirt:
         # which would show up in the replay comparison without netplug doing anything.
         self.ns.add_bridge(br)
         self.ns.add_veth(f"u-{br}"[:15], f"v-{br}"[:15], master=br)
-        deadline = time.monotonic() + 5
-        while oracle.link(self.ns.name, br).get("operstate") != "UP":
-            assert time.monotonic() < deadline, f"{br} never came up"
-            time.sleep(0.05)
+        wait_for(lambda: oracle.link(self.ns.name, br).get("operstate") == "UP", 5,
+                 f"{br} to come up")
 
     def has(self, dev: str) -> bool:
         return oracle.exists(self.ns.name, dev)

@@ -12,11 +12,9 @@ from __future__ import annotations
 import errno
 import io
 import subprocess
-import time
 
 import oracle
 from fakes import bridge_iface, domain_xml, guest_mac, tap_mac
-from polling import assert_no_hang
 
 from .topo import CONFIG, HostWorld
 
@@ -51,7 +49,6 @@ def test_tap_missing_at_start_is_one_clear_error(ns, hooks):
     assert len(r.errors) == 1, r
     assert "domain vm1" in r.errors[0] and "interface net1" in r.errors[0] and \
         "vnet1" in r.errors[0], r
-    assert_no_hang(r.elapsed)
     assert state_of(ns, "vnet0", A) == MANAGED(A)
     assert state_of(ns, "vnet2", C) == MANAGED(C)
     assert sorted(hooks.domain_record("vm1")["ports"]) == ["vnet0", "vnet2"]
@@ -78,10 +75,9 @@ def _hook_main_with_kernel(kernel_cls, xml, config, state_dir, op="start"):
 
     kernel.NetlinkKernel = kernel_cls
     err = io.StringIO()
-    t0 = time.monotonic()
     rc = hook.main(["qemu", "vm1", op, "begin", "-"], io.BytesIO(xml.encode()), err,
                    kind="qemu", config=config, state_dir=state_dir)
-    return rc, err.getvalue(), time.monotonic() - t0
+    return rc, err.getvalue()
 
 
 def _kernel_deleting(victim: str, before: str):
@@ -129,12 +125,11 @@ def _run_inprocess(ns, hooks, kernel_cls):
 
 def test_tap_deleted_before_its_fdb_write(ns, hooks):
     three_taps(ns)
-    rc, err, elapsed = _run_inprocess(ns, hooks, _kernel_deleting("vnet1", "replace_fdb"))
+    rc, err = _run_inprocess(ns, hooks, _kernel_deleting("vnet1", "replace_fdb"))
     errors = [ln for ln in err.splitlines() if ": ERROR: " in ln]
     assert rc == 0 and "Traceback" not in err, err
     assert len(errors) == 1 and "domain vm1" in errors[0] and "interface net1" in errors[0] \
         and "No such device" in errors[0], err
-    assert_no_hang(elapsed)
     assert not oracle.exists(ns.name, "vnet1")
     assert state_of(ns, "vnet0", A) == MANAGED(A)
     assert state_of(ns, "vnet2", C) == MANAGED(C)
@@ -143,10 +138,9 @@ def test_tap_deleted_before_its_fdb_write(ns, hooks):
 
 def test_tap_deleted_between_its_fdb_and_flag_writes(ns, hooks):
     three_taps(ns)
-    rc, err, elapsed = _run_inprocess(ns, hooks, _kernel_deleting("vnet1", "set_port_flags"))
+    rc, err = _run_inprocess(ns, hooks, _kernel_deleting("vnet1", "set_port_flags"))
     errors = [ln for ln in err.splitlines() if ": ERROR: " in ln]
     assert rc == 0 and "Traceback" not in err, err
-    assert_no_hang(elapsed)
     assert len(errors) == 1 and "interface net1" in errors[0], err
     assert oracle.where_is(ns.name, B) == []  # the entry went with the tap
     assert state_of(ns, "vnet0", A) == MANAGED(A)
@@ -159,7 +153,7 @@ def test_failed_flag_write_rolls_back_the_fdb_entry(ns, hooks):
     exactly as before, not half-managed; the other ports are managed; one error line."""
     three_taps(ns)
     before = oracle.view(oracle.snapshot(ns.name), ["vnet1"])
-    rc, err, _ = _run_inprocess(ns, hooks, _kernel_failing("vnet1", errno.EINVAL))
+    rc, err = _run_inprocess(ns, hooks, _kernel_failing("vnet1", errno.EINVAL))
     errors = [ln for ln in err.splitlines() if ": ERROR: " in ln]
     assert rc == 0 and len(errors) == 1 and "interface net1" in errors[0], err
     assert oracle.diff(before, oracle.view(oracle.snapshot(ns.name), ["vnet1"])) == []

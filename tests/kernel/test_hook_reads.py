@@ -98,14 +98,12 @@ def test_the_hooks_requests_do_not_depend_on_the_bridge_size(ns, hooks):
 
 def _reconnect_while_locked(argv, data, config, state_dir):
     """hook.main for a replay while another process holds the state lock."""
-    import time
     from libvirt_netplug import hook
 
-    t0 = time.monotonic()
     err = io.StringIO()
     rc = hook.main(argv, io.BytesIO(data), err, kind="qemu", config=config,
                    state_dir=state_dir)
-    return rc, time.monotonic() - t0, err.getvalue()
+    return rc, err.getvalue()
 
 
 def test_a_replay_in_sync_takes_no_lock_and_writes_nothing(ns, hooks):
@@ -127,10 +125,11 @@ def test_a_replay_in_sync_takes_no_lock_and_writes_nothing(ns, hooks):
     fcntl.flock(fd, fcntl.LOCK_EX)  # reconcile (or a stuck hook) holds the lock
     try:
         assert state_lock_held(hooks.state_dir)
-        rc, elapsed, err = ns.call(_reconnect_while_locked, hooks.argv("qemu", "vm1", "reconnect"),
-                                   xml.encode(), hooks.config, hooks.state_dir)
+        rc, err = ns.call(_reconnect_while_locked, hooks.argv("qemu", "vm1", "reconnect"),
+                          xml.encode(), hooks.config, hooks.state_dir)
     finally:
         os.close(fd)
+    # Had it asked for the lock, it would have given up after its 10 s wait and logged "lock
+    # held by another netplug process": an empty stderr says it never asked.
     assert rc == 0 and err == "", err
-    assert elapsed < 5  # the lock wait is 10 s: it did not wait (a hang bound, not speed)
     assert files() == before  # not a record, not the last hook result: nothing written

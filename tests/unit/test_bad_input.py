@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,7 +20,6 @@ import pytest
 from fakes import bridge_iface, domain_xml, hookdata, network_xml, networkport_xml, \
     policy_xml
 from netns import netplug_cli
-from polling import assert_no_hang
 
 MB = 1024 * 1024
 MAC = "52:54:00:00:00:01"
@@ -127,7 +125,6 @@ def check_one_line(result, words):
     line = result.lines[0]
     for w in words:
         assert w in line, f"{w!r} not in {line!r}"
-    assert_no_hang(result.elapsed)
 
 
 # -- the hook --------------------------------------------------------------------------------
@@ -237,7 +234,6 @@ def test_tap_vanishing_mid_apply_is_one_error_and_no_half_applied_port(run_hook,
     assert r.rc == 0 and r.stdout == "" and "Traceback" not in r.stderr
     assert len(r.errors) == 1, r.stderr
     assert all(w in r.errors[0] for w in ("domain vm1", "interface net1", "No such device"))
-    assert_no_hang(r.elapsed)
     assert "vnet1" not in fake.devs
     for i in (0, 2):
         links = fake.links()
@@ -251,14 +247,13 @@ def test_tap_vanishing_mid_apply_is_one_error_and_no_half_applied_port(run_hook,
 # -- netplug plan ----------------------------------------------------------------------------
 
 
-def plan(*args: str, stdin: bytes | None = None) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.monotonic()
-    p = subprocess.run([*netplug_cli(), "plan", *args], input=stdin, capture_output=True,
-                       timeout=30)
-    return p, time.monotonic() - t0
+def plan(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    # The timeout is the hang bound (a `netplug` process: ~0.3 s).
+    return subprocess.run([*netplug_cli(), "plan", *args], input=stdin, capture_output=True,
+                          timeout=30)
 
 
-def check_plan_error(p, elapsed, words):
+def check_plan_error(p, words):
     err = p.stderr.decode(errors="replace")
     assert p.returncode == 1, (p.returncode, err)
     assert p.stdout == b""
@@ -267,13 +262,12 @@ def check_plan_error(p, elapsed, words):
     assert err.startswith("netplug plan: error: ")
     for w in words:
         assert w in err, f"{w!r} not in {err!r}"
-    assert_no_hang(elapsed, "netplug plan")
 
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
-    """Every bad document through `netplug plan`, one process each, run two at a time (each
-    process is timed on its own; the pool only shortens the tier)."""
+    """Every bad document through `netplug plan`, one process each, run two at a time (the
+    pool only shortens the tier)."""
     d = tmp_path_factory.mktemp("plan")
     good = d / "good-domain.xml"
     good.write_bytes(dom(nic()))
@@ -292,12 +286,12 @@ def planned(tmp_path_factory):
 
 @pytest.mark.parametrize("name,doc,words", BAD_DOMAINS, ids=_ids(BAD_DOMAINS))
 def test_plan_bad_domain_xml(planned, name, doc, words):
-    check_plan_error(*planned[("domain", name)], words)
+    check_plan_error(planned[("domain", name)], words)
 
 
 def test_plan_bad_domain_xml_on_stdin():
-    check_plan_error(*plan("--domain-xml", "-", stdin=b"<domain>"), ["malformed XML"])
-    check_plan_error(*plan("--domain-xml", "-", stdin=b""), ["empty input"])
+    check_plan_error(plan("--domain-xml", "-", stdin=b"<domain>"), ["malformed XML"])
+    check_plan_error(plan("--domain-xml", "-", stdin=b""), ["empty input"])
 
 
 @pytest.mark.parametrize("name,op,doc,words", [b for b in BAD_NETWORK
@@ -306,7 +300,7 @@ def test_plan_bad_domain_xml_on_stdin():
                                    if b[1] not in ("port-created", "port-deleted")]))
 def test_plan_bad_network_xml(planned, name, op, doc, words):
     words = [w for w in words if w not in ("network mgd start", "unmanaged")]
-    check_plan_error(*planned[("network", name)], words)
+    check_plan_error(planned[("network", name)], words)
 
 
 @pytest.mark.parametrize("args,words", [
@@ -319,14 +313,14 @@ def test_plan_bad_network_xml(planned, name, op, doc, words):
 def test_plan_bad_arguments(tmp_path, args, words):
     d = tmp_path / "domain.xml"
     d.write_bytes(dom(nic()))
-    p, elapsed = plan("--domain-xml", str(d), *args)
-    check_plan_error(p, elapsed, words)
+    p = plan("--domain-xml", str(d), *args)
+    check_plan_error(p, words)
 
 
 @pytest.mark.parametrize("what", ["missing-file", "directory"])
 def test_plan_unreadable_input(tmp_path, what):
     path = tmp_path / "nope.xml" if what == "missing-file" else tmp_path
-    check_plan_error(*plan("--domain-xml", str(path)), ["cannot read", str(path)])
+    check_plan_error(plan("--domain-xml", str(path)), ["cannot read", str(path)])
 
 
 def test_plan_bad_config_names_the_file(tmp_path):
@@ -334,7 +328,7 @@ def test_plan_bad_config_names_the_file(tmp_path):
     d.write_bytes(dom(nic()))
     c = tmp_path / "netplug.toml"
     c.write_text("[bridge.br0]\npromiscLinks = 'perhaps'\n")
-    check_plan_error(*plan("--domain-xml", str(d), "--config", str(c)),
+    check_plan_error(plan("--domain-xml", str(d), "--config", str(c)),
                      [str(c), "[bridge.br0]", "promiscLinks"])
 
 
@@ -345,9 +339,8 @@ def test_plan_interface_without_target_is_reported_not_an_error(tmp_path):
     d.write_bytes(dom(nic(tap=None)))
     c = tmp_path / "c.toml"
     c.write_text(MANAGED)
-    p, elapsed = plan("--domain-xml", str(d), "--config", str(c))
+    p = plan("--domain-xml", str(d), "--config", str(c))
     assert p.returncode == 0 and p.stderr == b""
-    assert_no_hang(elapsed, "netplug plan")
     (intent,) = json.loads(p.stdout)["interfaces"]
     assert not intent["managed"] and "no <target dev>" in intent["reason"]
     assert json.loads(p.stdout)["operations"] == []

@@ -18,6 +18,7 @@ if str(REPO) not in sys.path:
 
 from tests.vlankernel import tier, vm  # noqa: E402
 from tests.vlankernel.image import Image, KernelTree  # noqa: E402
+from polling import wait_for  # noqa: E402
 
 HEAD = "tests/vlankernel/inner/test_headline.py::test_uplink"
 TRUNK = "tests/vlankernel/inner/test_vlan_entries.py::test_libvirt_vlan_on_linux_bridge[trunk]"
@@ -140,7 +141,6 @@ def test_qmp_relay_answers_allowed_commands_and_refuses_others(tmp_path):
     """The guest asks through files in the run directory; the relay answers whole files, runs
     only query-rx-filter, and stops with QEMU."""
     import json
-    import time
 
     qemu = _FakeQemu(str(tmp_path / "qmp.sock"))
     relay = vm.QmpRelay(str(tmp_path / "qmp.sock"), tmp_path, qemu)
@@ -150,10 +150,8 @@ def test_qmp_relay_answers_allowed_commands_and_refuses_others(tmp_path):
         {"execute": "query-rx-filter", "arguments": {"name": "uplinknic"}}))
     (tmp_path / "qmp-request-2.json").write_text(json.dumps({"execute": "quit"}))
     (tmp_path / "qmp-request-3.json").write_text("{not json")
-    deadline = time.monotonic() + 10  # a hang bound only
-    while len(list(tmp_path.glob("qmp-reply-*.json"))) < 3:
-        assert time.monotonic() < deadline, sorted(p.name for p in tmp_path.iterdir())
-        time.sleep(0.01)
+    wait_for(lambda: len(list(tmp_path.glob("qmp-reply-*.json"))) == 3, 10, "three replies",
+             lambda: str(sorted(p.name for p in tmp_path.iterdir())))
     reply = {n: json.loads((tmp_path / f"qmp-reply-{n}.json").read_text()) for n in (1, 2, 3)}
     assert reply[1] == {"return": [{"name": "uplinknic", "promiscuous": False}]}
     assert "not allowed" in reply[2]["error"]["desc"]

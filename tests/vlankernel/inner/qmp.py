@@ -11,10 +11,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import time
 from pathlib import Path
 
-from polling import HANG_SECONDS
+from polling import HANG_SECONDS, wait_for
 
 RUN_DIR = Path("/run/netplug-vm")  # vm.GUEST_DIR: the run directory, seen from the guest
 NIC_ID = "uplinknic"               # vm.UPLINK_NIC_ID
@@ -29,10 +28,7 @@ def qmp(command: dict, timeout: float = 3 * HANG_SECONDS) -> dict:
     tmp.write_text(json.dumps(command))
     tmp.rename(RUN_DIR / f"qmp-request-{n}.json")
     reply = RUN_DIR / f"qmp-reply-{n}.json"
-    deadline = time.monotonic() + timeout
-    while not reply.exists():
-        assert time.monotonic() < deadline, f"no QMP answer in {timeout:.0f} s: is the relay up?"
-        time.sleep(0.05)
+    wait_for(reply.exists, timeout, "QEMU's answer through the host's relay", interval=0.05)
     answer = json.loads(reply.read_text())
     reply.unlink()
     assert "return" in answer, f"QMP {command.get('execute')}: {answer}"
