@@ -15,6 +15,7 @@ from typing import Callable
 
 from .errors import NetplugError
 from .hook import QEMU_APPLY, QEMU_CLEANUP  # hook.py imports nothing more at module level
+from .version import version
 
 # The format version of every JSON document a command prints ("version" in the document):
 # raised when a field changes meaning or goes away, not when one is added.
@@ -138,14 +139,18 @@ def cmd_hook(args: argparse.Namespace) -> int:
                 config=paths.config.value, state_dir=paths.state_dir.value)
 
 
-def version() -> str:
-    """The installed distribution's version (the Debian package and pip both record it)."""
-    from importlib import metadata
+class _VersionAction(argparse.Action):
+    """``--version``, with the version read only when asked for (argparse's own "version"
+    action needs the string while the parser is built, i.e. in every command)."""
 
-    try:
-        return metadata.version("libvirt-netplug")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show the version and exit"):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"netplug {version()} (Python {sys.version.split()[0]}, "
+              f"{os.path.dirname(os.path.abspath(__file__))})")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,9 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="netplug", description=(
         "Bridge MAC-table management and macvtap RX-filter sync for libvirt hosts."))
-    p.add_argument("--version", action="version",
-                   version=f"netplug {version()} (Python {sys.version.split()[0]}, "
-                           f"{os.path.dirname(os.path.abspath(__file__))})")
+    p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sp = sub.add_parser("plan", help="print, as JSON, what the hook would do (no root, no "

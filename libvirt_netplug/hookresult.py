@@ -36,7 +36,7 @@ import os
 import time
 
 from .errors import StateError
-from .state import StateDir, quote, unquote
+from .state import StateDir, unquote
 from .values import frozen
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms a hook)
@@ -66,15 +66,16 @@ class HookResult:
                 "ok": self.ok, "errors": self.errors, "error": self.error,
                 "exit_status": self.exit_status, "pid": self.pid}
 
-    def summary(self) -> str:
-        """"start ok" / "started FAILED: error text" (for a table cell or a line)."""
+    def outcome(self) -> str:
+        """"ok" / "1 error: error text" (a table cell)."""
         if self.ok:
-            return f"{self.operation} ok"
-        return f"{self.operation} {self.errors} error{'s' * (self.errors != 1)}: {self.error}"
+            return "ok"
+        return (f"{self.errors} error{'s' * (self.errors != 1)}: "
+                f"{self.error or '(see the log)'}")
 
-
-def _path(state_dir: str, kind: str, name: str) -> str:
-    return os.path.join(state_dir, "hooks", kind, quote(name) + ".json")
+    def summary(self) -> str:
+        """"start ok" / "started 1 error: error text" (a line)."""
+        return f"{self.operation} {self.outcome()}"
 
 
 def record(state_dir: str, kind: str, name: str, operation: str, subop: str, *,
@@ -98,7 +99,7 @@ def record(state_dir: str, kind: str, name: str, operation: str, subop: str, *,
 def read(state_dir: str, kind: str, name: str) -> HookResult | None:
     """The last result for one domain or network; None when none (or unreadable)."""
     try:
-        doc = StateDir(state_dir).load_file(_path(state_dir, kind, name))
+        doc = StateDir(state_dir).get_file(f"hooks/{kind}", name)
     except (StateError, OSError):
         return None
     return _from_json(doc, kind, name)

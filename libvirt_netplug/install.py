@@ -215,7 +215,7 @@ def install(hooks_dir: str = DEFAULT_HOOKS_DIR, python: str | None = None,
             raise NetplugError(f"interpreter {python} cannot run the hook: {why}")
     # Directories this install creates, plus those an earlier install created (kept across
     # reinstalls and upgrades, so uninstall can still remove them).
-    missing = _missing_dirs(hooks_dir, paths.values())
+    missing = _missing_dirs(paths.values())
     done = []
     for kind, path in paths.items():
         before = old.get(kind)
@@ -244,7 +244,7 @@ def install(hooks_dir: str = DEFAULT_HOOKS_DIR, python: str | None = None,
     return done
 
 
-def _missing_dirs(hooks_dir: str, shim_files) -> list[str]:
+def _missing_dirs(shim_files) -> list[str]:
     """Directories that do not exist yet on the way to the shims, outermost first."""
     out = []
     for f in shim_files:

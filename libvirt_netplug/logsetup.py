@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 
 from . import hooklog
 from .hooklog import IDENTIFIER, JOURNAL_SOCKET, SYSLOG_SOCKETS  # noqa: F401 - patched by tests
@@ -21,15 +20,6 @@ from .hooklog import IDENTIFIER, JOURNAL_SOCKET, SYSLOG_SOCKETS  # noqa: F401 - 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, TextIO
-
-_MAX_MESSAGE = hooklog.MAX_MESSAGE
-
-
-def record_fields(record: logging.LogRecord) -> dict[str, str]:
-    """NETPLUG_* journal fields from a record's ``netplug`` extra (a dict, or an object such
-    as ops.Context); None values and non-identifier keys are left out."""
-    return hooklog.netplug_fields(getattr(record, "netplug", None))
-
 
 class JournalHandler(logging.Handler):
     """journald's native protocol (sd_journal_send's wire format) over its datagram socket.
@@ -46,8 +36,7 @@ class JournalHandler(logging.Handler):
         self.path = path or JOURNAL_SOCKET
         self.identifier = identifier
         self.dropped = 0
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._sock.setblocking(False)
+        self._sock = hooklog.unix_dgram_socket()
 
     def fields(self, record: logging.LogRecord) -> dict[str, str]:
         return hooklog.journal_fields(

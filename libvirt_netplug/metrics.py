@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
 from .errors import NetplugError
+from .version import version
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ class RunMetrics:
     error_notes: int = 0  # managed interfaces in a state netplug cannot fix
     # (domain, interface, device, list) -> entries netplug keeps on that macvtap
     rx_entries: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
-    health: Health = field(default_factory=Health)
 
 
 def run_metrics(report, *, source: str, success: bool | None = None, state=None,
@@ -139,15 +139,6 @@ def read_previous(path: str, source: str) -> dict[str, float]:
     return out
 
 
-def build_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("libvirt-netplug")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 class _Collector:
     """A prometheus-client collector that yields one run's families (``m`` None: no run yet,
     e.g. the agent just started; only counters carried over and what needs no run)."""
@@ -157,7 +148,7 @@ class _Collector:
         self.m = m
         self.previous = previous
         self.source = source
-        self.health = health if health is not None else (m.health if m else Health())
+        self.health = health if health is not None else Health()
 
     def collect(self) -> Iterator:
         import platform
@@ -176,7 +167,7 @@ class _Collector:
             return g
 
         yield gauge("build_info", "Always 1; the labels say which netplug wrote this file.",
-                    ["version", "python"], {(build_version(), platform.python_version()): 1})
+                    ["version", "python"], {(version(), platform.python_version()): 1})
         h = self.health
         yield gauge("config_valid", "1 if the config file is valid (or absent); 0: hooks and "
                                     "agent manage nothing through it and reconcile refuses to "
@@ -253,7 +244,7 @@ def registry_for(m: RunMetrics | None, previous: dict[str, float] | None = None,
     return reg
 
 
-def write_run_metrics(path: str, m: RunMetrics) -> None:
+def write_run_metrics(path: str, m: RunMetrics, health: Health | None = None) -> None:
     from prometheus_client import write_to_textfile
 
     if not path.endswith(".prom"):
@@ -261,7 +252,7 @@ def write_run_metrics(path: str, m: RunMetrics) -> None:
                     "files", path)
     previous = read_previous(path, m.source)
     try:
-        write_to_textfile(path, registry_for(m, previous))
+        write_to_textfile(path, registry_for(m, previous, health=health))
     except OSError as e:
         raise NetplugError(f"metrics file {path}: cannot write: {e.strerror}; check that "
                            f"{os.path.dirname(path) or '.'} exists and is writable") from None
@@ -279,6 +270,4 @@ def write_metrics(path: str, report, *, source: str = "agent", success: bool | N
     """
     m = run_metrics(report, source=source, success=success, state=state, now=now,
                     duration=duration)
-    if health is not None:
-        m.health = health
-    write_run_metrics(path, m)
+    write_run_metrics(path, m, health)

@@ -392,7 +392,6 @@ def run(args: argparse.Namespace, out: TextIO, *,
     """The command behind ``netplug reconcile`` (``kernel_factory`` replaces NetlinkKernel)."""
     from .errors import PolicyError
     from .metrics import Health
-    from .statefile import record_errors
 
     t0 = time.monotonic()
     paths = command_paths(args, warn=True)
@@ -420,7 +419,7 @@ def run(args: argparse.Namespace, out: TextIO, *,
             except NetplugError as e:  # the run's own error is the one to report
                 log.warning("%s", e)
         raise
-    health.state_record_errors = len(record_errors(state))
+    health.state_record_errors = len(state.record_errors())
     outcome.uri = inputs.uri
     outcome.timings["libvirt_read"] = inputs.seconds
     outcome.timings["kernel_and_apply"] = time.monotonic() - t1

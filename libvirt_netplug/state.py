@@ -192,6 +192,7 @@ class StateDir:
     def __init__(self, path: str | None = None):
         self.path = state_dir_path(path)
         self._errors: dict[str, str] = {}
+        self._domains_listed = False  # record_errors() then has the last listing's
         self._checked: set[str] = set()
 
     # -- trust -------------------------------------------------------------------------
@@ -357,9 +358,9 @@ class StateDir:
         guarantees as the records: ours, atomic, never through a symlink."""
         self._write(sub, name, data)
 
-    def load_file(self, path: str) -> Any:
-        """Read a JSON document under the state dir with the records' checks (None: absent)."""
-        return self._load(path)
+    def get_file(self, sub: str, name: str) -> Any:
+        """Read back a document ``put_file`` wrote, with the records' checks (None: absent)."""
+        return self._load(os.path.join(self.path, sub, _fname(name)))
 
     # -- caches ------------------------------------------------------------------------
 
@@ -442,9 +443,10 @@ class StateDir:
         return out
 
     def record_errors(self) -> dict[str, str]:
-        """Domain records that cannot be used, now: name -> one-line error (``domains()``
-        leaves them out)."""
-        self.domains()
+        """Domain records that cannot be used: name -> one-line error (``domains()`` leaves
+        them out), as of the last listing of every record (made now if there was none)."""
+        if not self._domains_listed:
+            self.domains()
         return {k.split("/", 1)[1]: v for k, v in self._errors.items()
                 if k.startswith("domains/")}
 
@@ -482,6 +484,7 @@ class StateDir:
     def domains(self) -> dict[str, dict[str, Any]]:
         for k in [k for k in self._errors if k.startswith("domains/")]:
             del self._errors[k]
+        self._domains_listed = True
         return self._all("domains")
 
     def put_domain(self, name: str, record: dict[str, Any],

@@ -28,7 +28,6 @@ from .reconcile import (Inputs, JSON_VERSION, add_common_arguments, command_path
                         read_inputs, setup_logging)
 from .rxfilter import MacvtapIntent
 from .state import StateDir
-from .statefile import reading_state, record_errors
 from .sync import DomainSync, SyncReport
 
 # Reasons that just mean "no netplug policy here": not worth a footnote.
@@ -92,13 +91,12 @@ def _bridge_row(ds: DomainSync, it: PortIntent, observed: Observed | None,
     if link is not None and link.master == it.bridge:
         row.learning, row.flood = link.learning, link.flood
         if it.mac and it.bridge:
-            row.fdb = any(e.port == it.tap and e.state == "static"
-                          for e in observed.entries_for_mac(it.bridge, it.mac))
             row.fdb_entries = tuple(sorted(
                 ((e.mac, e.vlan) for mac in (it.mac, *it.extra_macs)
                  for e in observed.entries_for_mac(it.bridge, mac)
                  if e.port == it.tap and e.state == "static"),
                 key=lambda k: (k[0] != it.mac, k[0], k[1] or 0)))
+            row.fdb = any(mac == it.mac for mac, _vlan in row.fdb_entries)
     ops = [op for op in ds.ops if op.device == it.tap] if it.tap else []
     row.drift = tuple(op.what() for op in ops)
     row.problems = _problems_for(ds, label, it.mac)
@@ -299,7 +297,7 @@ def problems(inputs: Inputs, state: StateDir, paths=None) -> list[str]:
     if inputs.config_error:
         out.append(f"error: {inputs.config_error}; until it is fixed the hooks manage nothing "
                    f"through it and reconcile refuses to run (netplug check-config)")
-    for name, why in sorted(record_errors(state).items()):
+    for name, why in sorted(state.record_errors().items()):
         out.append(f"error: domain {name}: {why}")
     for m in paths.mismatches() if paths is not None else ():
         out.append(f"warning: {m}; what is shown is for this command's paths, not the hooks'")
@@ -321,9 +319,7 @@ def hook_lines(results: dict[str, hookresult.HookResult]) -> list[str]:
         return []
     cells = [("DOMAIN", "LAST HOOK RUN", "OPERATION", "RESULT")]
     for name, r in sorted(results.items()):
-        cells.append((name, _time_cell(r.at), f"{r.operation} {r.subop}",
-                      "ok" if r.ok else f"{r.errors} error{'s' * (r.errors != 1)}: "
-                                        f"{r.error or '(see the log)'}"))
+        cells.append((name, _time_cell(r.at), f"{r.operation} {r.subop}", r.outcome()))
     widths = [max(len(c[i]) for c in cells) for i in range(3)]
     return ["  ".join([*(c.ljust(w) for c, w in zip(row[:3], widths)), row[3]]).rstrip()
             for row in cells]
@@ -340,7 +336,7 @@ def document(rows: list[Row], report: SyncReport, inputs: Inputs, state: StateDi
             "last_hook_runs": {n: r.to_json() for n, r in (results or {}).items()},
             "notes": [n.to_json() for n in report.notes],
             "config_error": inputs.config_error,
-            "record_errors": record_errors(state) if state is not None else {},
+            "record_errors": state.record_errors() if state is not None else {},
             "paths": paths.to_json() if paths is not None else None,
             "path_mismatches": paths.mismatches() if paths is not None else [],
             "errors": list(inputs.desired.errors)}
@@ -363,7 +359,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace, out: TextIO, *,
         kernel_factory: Callable[[], Any] | None = None) -> int:
     paths = command_paths(args)
-    state = reading_state(paths.state_dir.value)
+    state = StateDir(paths.state_dir.value)
     inputs = read_inputs(args.connect, paths.config.value, guest_query=args.guest_query,
                          lenient_config=True)
     if kernel_factory is None:

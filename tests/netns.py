@@ -308,13 +308,16 @@ class HookRig:
         self.hooks_dir = os.path.join(root, "hooks")
         self.config = os.path.join(root, "config.toml")
         self.state_dir = os.path.join(root, "state")
+        self.shims = {k: os.path.join(self.hooks_dir, f"{k}.d", "libvirt-netplug")
+                      for k in ("qemu", "network")}
+        self.install()
+
+    def install(self) -> None:
         p = subprocess.run([*netplug_cli(), "install-hooks", "--hooks-dir", self.hooks_dir,
                             "--python", venv_python(), "--config", self.config,
                             "--state-dir", self.state_dir], capture_output=True, text=True)
         if p.returncode != 0:
             raise AssertionError(f"install-hooks failed: {p.stderr}")
-        self.shims = {k: os.path.join(self.hooks_dir, f"{k}.d", "libvirt-netplug")
-                      for k in ("qemu", "network")}
 
     def write_config(self, text: str) -> None:
         with open(self.config, "w") as f:

@@ -48,8 +48,7 @@ The pieces, each readable and testable alone:
     command.py    ``netplug agent``: arguments, signals, logging
 """
 
-import importlib
-from typing import Any
+from ..lazy import exports
 
 # Loaded on first use (PEP 562): `netplug plan` imports this package for its subcommand's
 # arguments only, and a test of the queue need not load libvirt's session or the engine.
@@ -63,9 +62,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__getattr__ = exports(__name__, _EXPORTS)

@@ -319,10 +319,9 @@ class Agent:
             self.ready.set()
         if self.metrics:
             if names is None:
-                from ..statefile import record_errors
 
                 self.metrics.health.invalid_policies = len(desired.errors)
-                self.metrics.health.state_record_errors = len(record_errors(self.state))
+                self.metrics.health.state_record_errors = len(self.state.record_errors())
             self.metrics.update(report, full=names is None)
             self.metrics.write()
 

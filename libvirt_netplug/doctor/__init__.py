@@ -22,8 +22,7 @@ The pieces: findings.py (Finding), host.py (checks without libvirt), bridges.py 
 diagnosis, its output, the command).
 """
 
-import importlib
-from typing import Any
+from ..lazy import exports
 
 # Loaded on first use (PEP 562): the CLI imports this package for the subcommand's arguments.
 _EXPORTS = {
@@ -41,9 +40,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__getattr__ = exports(__name__, _EXPORTS)

@@ -4,7 +4,6 @@ promiscuity can be tested without a kernel."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +12,11 @@ from ..kernel import Link
 from ..reconcile import Inputs, onoff
 from ..sync import SyncReport
 from .findings import Finding, plural
+from .host import sysfs_vlan_filtering
 
 
+# Drivers without IFF_UNICAST_FLT (by rtnetlink kind): the kernel keeps such a port
+# promiscuous whatever the bridge does (FIELD-NOTES, measured on a VLAN-filtering kernel).
 NO_UNICAST_FILTER = {"veth": "veth", "tun": "tap", "dummy": "dummy"}
 
 
@@ -94,16 +96,8 @@ def vlan_filtering_support(link: Link, sysfs: str = "/sys/class/net") -> bool | 
         return False
     if link.vlan_filtering:
         return True
-    candidates = [link.name]
-    try:
-        candidates += sorted(n for n in os.listdir(sysfs) if n != link.name)
-    except OSError:
-        return None
-    for name in candidates:
-        bdir = os.path.join(sysfs, name, "bridge")
-        if os.path.isdir(bdir):
-            return os.path.exists(os.path.join(bdir, "vlan_filtering"))
-    return None
+    seen = sysfs_vlan_filtering(sysfs, first=link.name)
+    return None if seen is None else seen[0]
 
 
 

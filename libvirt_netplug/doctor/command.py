@@ -12,7 +12,6 @@ from ..errors import NetplugError
 from ..reconcile import (Inputs, JSON_VERSION, add_common_arguments, command_paths, observe_dry,
                          read_inputs, setup_logging, _new_kernel)
 from ..state import StateDir
-from ..statefile import reading_state
 from .bridges import BridgeView, bridge_view, managed_bridges
 from .findings import Finding, LEVELS
 from .host import (SYSTEMD_DIRS, check_agent, check_config, check_hooks, check_kernel,
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace, out: TextIO, *,
         kernel_factory: Callable[[], Any] | None = None, sysfs: str = "/sys/class/net",
         proc: str = "/proc", boot: str = "/boot", systemd_dirs=SYSTEMD_DIRS) -> int:
     paths = command_paths(args)
-    state = reading_state(paths.state_dir.value)
+    state = StateDir(paths.state_dir.value)
     with (kernel_factory or _new_kernel)() as kernel:
         host = host_findings(paths, state, kernel, sysfs=sysfs, proc=proc, boot=boot,
                              systemd_dirs=systemd_dirs)

@@ -9,8 +9,6 @@ from typing import Any
 LEVELS = ("ok", "info", "warning", "error")
 RELOAD = ("systemctl reload libvirtd (or, with the modular daemons, systemctl reload "
           "virtqemud virtnetworkd)")
-# Drivers without IFF_UNICAST_FLT (by rtnetlink kind): the kernel keeps such a port
-# promiscuous whatever the bridge does (FIELD-NOTES, measured on a VLAN-filtering kernel).
 
 
 @dataclass(frozen=True)

@@ -12,23 +12,32 @@ from typing import Mapping
 from ..errors import KernelError, NetplugError
 from ..reconcile import load_config_checked
 from ..state import StateDir
-from ..statefile import record_errors
 from .findings import Finding, RELOAD, plural
+
+
+def sysfs_vlan_filtering(sysfs: str = "/sys/class/net", first: str | None = None
+                         ) -> tuple[bool, str] | None:
+    """Whether a bridge in sysfs offers ``vlan_filtering`` (the kernel has
+    CONFIG_BRIDGE_VLAN_FILTERING), and which bridge said so — ``first`` asked before the
+    others; None when sysfs shows no bridge."""
+    try:
+        names = sorted(n for n in os.listdir(sysfs) if n != first)
+    except OSError:
+        return None
+    for name in ([first] if first else []) + names:
+        bdir = os.path.join(sysfs, name, "bridge")
+        if os.path.isdir(bdir):
+            return os.path.exists(os.path.join(bdir, "vlan_filtering")), name
+    return None
 
 
 def kernel_vlan_filtering(sysfs: str = "/sys/class/net", boot: str = "/boot",
                           proc: str = "/proc") -> tuple[bool | None, str]:
     """Whether the running kernel has CONFIG_BRIDGE_VLAN_FILTERING, and how that is known,
     without a bridge of ours to ask: any bridge in sysfs, else the kernel's config file."""
-    try:
-        names = sorted(os.listdir(sysfs))
-    except OSError:
-        names = []
-    for name in names:
-        bdir = os.path.join(sysfs, name, "bridge")
-        if os.path.isdir(bdir):
-            return (os.path.exists(os.path.join(bdir, "vlan_filtering")),
-                    f"sysfs of bridge {name}")
+    seen = sysfs_vlan_filtering(sysfs)
+    if seen is not None:
+        return seen[0], f"sysfs of bridge {seen[1]}"
     release = os.uname().release
     for path in (os.path.join(boot, f"config-{release}"), os.path.join(proc, "config.gz")):
         try:
@@ -110,9 +119,9 @@ def check_paths(paths, agent: "AgentPaths | None") -> list[Finding]:
     return out
 
 
-def check_hooks(hooks_dir: str, *, interpreter: bool = True) -> Finding:
-    """Installed, ours, executable, and (``interpreter``) starting a Python that imports
-    everything a hook needs, exactly as libvirtd would start it."""
+def check_hooks(hooks_dir: str) -> Finding:
+    """Installed, ours, executable, and starting a Python that imports everything a hook
+    needs, exactly as libvirtd would start it."""
     from .. import install
 
     paths = install.shim_paths(hooks_dir)
@@ -135,13 +144,12 @@ def check_hooks(hooks_dir: str, *, interpreter: bool = True) -> Finding:
     if foreign:
         return Finding("error", "hooks", "hooks", f"{', '.join(foreign)} exists but was not "
                        f"installed by netplug", f"move it away, then run {fix}")
-    if interpreter:
-        for path, shim in sorted(shims.items()):
-            if shim.python:
-                why = install.probe(shim.python, shim.flags, shim.sys_path)
-                if why:
-                    broken.append(f"{path}: {shim.python} {shim.flags} cannot import the hook "
-                                  f"({why})")
+    for path, shim in sorted(shims.items()):
+        if shim.python:
+            why = install.probe(shim.python, shim.flags, shim.sys_path)
+            if why:
+                broken.append(f"{path}: {shim.python} {shim.flags} cannot import the hook "
+                              f"({why})")
     if broken:
         return Finding("error", "hooks", "hooks", "; ".join(broken), f"run {fix}")
     if missing:
@@ -152,8 +160,7 @@ def check_hooks(hooks_dir: str, *, interpreter: bool = True) -> Finding:
     python = next((s.python for s in shims.values() if s.python), None)
     return Finding("ok", "hooks", "hooks",
                    f"hooks installed in {hooks_dir}"
-                   + (f", bound to {python}, which imports the hook" if python and interpreter
-                      else "")
+                   + (f", bound to {python}, which imports the hook" if python else "")
                    + f" (libvirt reads them when its daemon starts or reloads: after "
                      f"installing them, {RELOAD})")
 
@@ -199,7 +206,7 @@ def check_state_dir(state: StateDir) -> list[Finding]:
         out.append(Finding("warning", subj, "state-lock", f"{e}",
                            "a hook, reconcile or the agent holds it; if this persists, find "
                            f"the holder with fuser {os.path.join(path, 'lock')}"))
-    errors = record_errors(state)
+    errors = state.record_errors()
     for name, why in sorted(errors.items()):
         out.append(Finding("error", f"domain {name}", "state-record", why,
                            f"delete {os.path.join(path, 'domains', name + '.json')} and run "

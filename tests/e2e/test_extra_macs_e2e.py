@@ -57,8 +57,9 @@ def rig(tmp_path_factory, lab_release):
         lab.add_host_bridge("br0")
         _up, peer = lab.add_uplink("br0", "up0")
         install_netplug(lab, config='[bridge.br0]\npromiscLinks = "no"\n')
-        agent = LabAgent(lab, tmp / "agent.log")  # the hooks' paths, read from the shims
-        wait_for(lambda: "full resync (connected)" in agent.log(), 30, "the agent", agent.log)
+        # The hooks' paths, which the agent reads from the installed shims.
+        agent = LabAgent(lab, tmp / "agent.log")
+        agent.wait_connected()
         guest = lab.start_guest("vm1", [Nic("bridge", "br0", mac=M0),
                                         Nic("bridge", "br0", mac=M1)],
                                 metadata=metadata(), timeout=180)

@@ -68,6 +68,9 @@ class LabAgent:
     def log(self) -> str:
         return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
 
+    def wait_connected(self) -> None:
+        wait_for(lambda: "full resync (connected)" in self.log(), 30, "the agent", self.log)
+
     def stop(self) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -92,7 +95,7 @@ def rig(tmp_path_factory, lab_release):
         lab.define_network(MACVTAP_NET)
         np = install_netplug(lab, config='[bridge.br0]\npromiscLinks = "no"\n')
         agent = LabAgent(lab, tmp / "agent.log")
-        wait_for(lambda: "full resync (connected)" in agent.log(), 30, "the agent", agent.log)
+        agent.wait_connected()
         guest = lab.start_guest("vm1", [Nic("bridge", "br0", mac=MB),
                                         Nic("network", "mvnet", mac=MM)], timeout=180)
         yield {"lab": lab, "np": np, "agent": agent, "guest": guest, "tmp": tmp,

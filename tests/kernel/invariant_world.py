@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,7 +183,7 @@ def make_domains(spec: list[list[str]]) -> list[Dom]:
 
 
 def _hook_killed(argv: list[str], kind: str, data: bytes, config: str, state_dir: str,
-                 kill_after: int, out_path: str, err_path: str) -> float:
+                 kill_after: int, out_path: str, err_path: str) -> None:
     """In the child: hook.main as the shim calls it, killed (exit 137, like SIGKILL: no
     cleanup, no flush) right after its ``kill_after``-th kernel write request. Only this
     child's copy of Netlink.request is wrapped; the production code knows nothing of it."""
@@ -206,13 +205,11 @@ def _hook_killed(argv: list[str], kind: str, data: bytes, config: str, state_dir
     netlink.Netlink.request = request
     out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(out, 1)
-    t0 = time.monotonic()
     with open(err_path, "w", buffering=1) as err:  # line-buffered: survives os._exit
         rc = hook.main(argv, io.BytesIO(data), err, kind=kind, config=config,
                        state_dir=state_dir)
     if rc:
         raise AssertionError(f"hook exit status {rc}")
-    return time.monotonic() - t0
 
 
 def _reconcile(argv: list[str], out_path: str, err_path: str) -> int:
@@ -234,14 +231,8 @@ class InprocessRig(HookRig):
     a third of a new host): every hook here runs in-process (run_inprocess); other tests run
     the real shims."""
 
-    def __init__(self, ns: NetNS, root: str):
-        self.ns = ns
-        self.root = root
-        self.hooks_dir = os.path.join(root, "hooks")
-        self.config = os.path.join(root, "config.toml")
-        self.state_dir = os.path.join(root, "state")
-        self.shims = {k: os.path.join(self.hooks_dir, f"{k}.d", "libvirt-netplug")
-                      for k in ("qemu", "network")}
+    def install(self) -> None:
+        pass  # the paths only: run_inprocess needs no shim
 
 
 # -- the world ---------------------------------------------------------------------------------

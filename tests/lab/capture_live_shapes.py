@@ -30,6 +30,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from .capture_samples import add_host_devices
 from .guest import REPO_ROOT
 from .lab import Lab, Nic
 
@@ -71,12 +72,7 @@ def shapes(domain_xml: str) -> list[dict]:
 
 
 def capture(lab: Lab, out: Path) -> Path:
-    lab.add_host_bridge("br0")
-    lab.add_uplink("br0", "upl0")
-    lab.add_host_bridge("br1")
-    lab.add_uplink("br1", "upl1")
-    lab.add_lower_veth("low0")
-    lab.add_lower_veth("low1")
+    add_host_devices(lab)
     for xml in NETWORKS.values():
         lab.define_network(xml)
     lab.start_guest("vm1", NICS)

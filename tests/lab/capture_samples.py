@@ -109,12 +109,17 @@ def prepare_lab(lab: Lab, rec_dir: Path) -> None:
     lab.install_hook("qemu", hook, "00-capture")
     lab.install_hook("network", hook, "00-capture")
     lab.reload_libvirtd()
-    lab.add_host_bridge("br0")
-    lab.add_uplink("br0", "upl0")
-    lab.add_host_bridge("br1")
-    lab.add_uplink("br1", "upl1")
-    lab.add_lower_veth("low0")
-    lab.add_lower_veth("low1")
+    add_host_devices(lab)
+
+
+def add_host_devices(lab: Lab) -> None:
+    """What the captured guests' NICs sit on: host bridges br0 and br1 (each with an uplink)
+    and the macvtap lower devices low0 and low1."""
+    for i in (0, 1):
+        lab.add_host_bridge(f"br{i}")
+        lab.add_uplink(f"br{i}", f"upl{i}")
+    for i in (0, 1):
+        lab.add_lower_veth(f"low{i}")
 
 
 def wait_state(lab: Lab, dom: str, state: str, timeout: float = 60) -> None:
